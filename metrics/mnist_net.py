@@ -1,0 +1,181 @@
+"""The offline MNIST feature network: a small CNN classifier the project trains itself, whose 128-d penultimate
+layer plays the role of Inception's pool3 in an MNIST-FID (as in e.g. the "MNIST FID" used by consistency and
+score-based model papers). Its numbers are comparable only between runs that use the same checkpoint.
+
+    python -m metrics.mnist_net --out PATH        # train (about a minute on 2 CPU cores) and save
+
+The checkpoint is a plain dict {"state_dict", "meta"} written atomically and read with weights_only=True.
+"""
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_NAME = "mnist_feature_net.pt"
+
+
+def cache_dir():
+    """The user cache directory: $FASTDIFF_CACHE, else $XDG_CACHE_HOME/fastdiff, else ~/.cache/fastdiff."""
+    if os.environ.get("FASTDIFF_CACHE"):
+        return Path(os.environ["FASTDIFF_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fastdiff"
+    return Path.home() / ".cache" / "fastdiff"
+
+
+class MnistNet(nn.Module):
+    """conv(16) conv(32) pool conv(64) pool -> fc(feature_dim) -> fc(10)."""
+
+    def __init__(self, feature_dim=128):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.feature = nn.Linear(64 * 7 * 7, feature_dim)
+        self.head = nn.Linear(feature_dim, 10)
+
+    def features(self, x):
+        """Pre-activation output of the feature layer, [B, feature_dim], for x in [-1, 1] of shape [B, 1, 28, 28]."""
+        return self.feature(self.convs(x).flatten(1))
+
+    def forward(self, x):
+        return self.head(F.dropout(F.relu(self.features(x)), 0.3, self.training))
+
+
+def _as_images(images):
+    """uint8 [N, 1, 28, 28] or [N, 28, 28] (array or tensor) -> float tensor [N, 1, 28, 28] in [-1, 1]."""
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"MNIST images must be uint8 in [0, 255], got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"MNIST images must be [N, 1, 28, 28] or [N, 28, 28], got shape {tuple(images.shape)}")
+    return images.float() / 127.5 - 1
+
+
+def _default_dataset():
+    from data import DATASETS
+    return DATASETS["mnist"]()
+
+
+def _random_shift(x, generator, max_shift=2):
+    """Translate each image by up to max_shift pixels (zero-padded with the background value -1)."""
+    padded = F.pad(x, [max_shift] * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    return padded[:, :, dy:dy + 28, dx:dx + 28]
+
+
+def accuracy(net, images, labels, batch=500):
+    """Fraction of images (uint8) that net classifies as labels."""
+    x, labels = _as_images(images), torch.as_tensor(np.asarray(labels)).long()
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        predictions = torch.cat([net(x[i:i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+    net.train(was_training)
+    return (predictions == labels).float().mean().item()
+
+
+def train_mnist_classifier(dataset=None, epochs=8, seed=0, device="cpu", heldout=1000, batch=64, lr=2e-3):
+    """Train MnistNet on dataset.images / dataset.labels (default: the shipped 8,000 digits), holding out
+    `heldout` seeded-random digits for the accuracy stored in net.meta["heldout_accuracy"]."""
+    dataset = _default_dataset() if dataset is None else dataset
+    images, labels = _as_images(dataset.images), torch.as_tensor(np.asarray(dataset.labels)).long()
+    if len(images) != len(labels) or not 0 <= heldout < len(images):
+        raise ValueError(f"need as many labels as images and 0 <= heldout < N, got {len(images)} images, "
+                         f"{len(labels)} labels, heldout={heldout}")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    train_idx, test_idx = order[heldout:], order[:heldout]
+    net = MnistNet().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    steps_per_epoch = (len(train_idx) + batch - 1) // batch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(epochs * steps_per_epoch, 1))
+    net.train()
+    for _ in range(epochs):
+        permutation = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for i in range(0, len(permutation), batch):
+            idx = permutation[i:i + batch]
+            x = _random_shift(images[idx], generator).to(device)
+            loss = F.cross_entropy(net(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    net.eval()
+    heldout_accuracy = accuracy(net, dataset.images[test_idx.numpy()], labels[test_idx]) if heldout else float("nan")
+    net.meta = {"feature_dim": net.feature.out_features, "heldout_accuracy": heldout_accuracy,
+                "epochs": epochs, "seed": seed, "train_size": len(train_idx)}
+    return net
+
+
+def save_mnist_feature_net(net, path):
+    """Write {"state_dict", "meta"} to path atomically (temporary file, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    meta = dict(getattr(net, "meta", {}), feature_dim=net.feature.out_features)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_mnist_feature_net(path=None, device="cpu", train_if_missing=True):
+    """Load the feature net from path (default <cache dir>/mnist_feature_net.pt), training and caching it first
+    when the file is missing and train_if_missing is set."""
+    path = Path(path) if path is not None else cache_dir() / CHECKPOINT_NAME
+    if not path.exists():
+        if not train_if_missing:
+            raise FileNotFoundError(f"MNIST feature net not found at {path}; train it with "
+                                    f"`python -m metrics.mnist_net --out {path}`")
+        print(f"MNIST feature net not found at {path}; training it now (about a minute on a CPU) and caching it")
+        net = train_mnist_classifier()
+        save_mnist_feature_net(net, path)
+        return net.to(device).eval()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        net = MnistNet(feature_dim=int(checkpoint["meta"]["feature_dim"]))
+        net.load_state_dict(checkpoint["state_dict"])
+        net.meta = dict(checkpoint["meta"])
+    except Exception as error:  # truncated zip, wrong pickle, missing keys, shape mismatch: all mean "corrupt"
+        raise ValueError(f"corrupt MNIST feature net checkpoint {path} ({type(error).__name__}); "
+                         f"delete it to retrain") from None
+    return net.to(device).eval()
+
+
+def mnist_features(net, images, batch=500):
+    """Features [N, feature_dim] (float32, CPU) of uint8 MNIST images [N, 1, 28, 28] or [N, 28, 28]."""
+    x = _as_images(images)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        features = torch.cat([net.features(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    net.train(was_training)
+    return features
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the offline MNIST feature net used by fid-mnist.")
+    parser.add_argument("--out", default=str(cache_dir() / CHECKPOINT_NAME), help="checkpoint path to write")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    start = time.time()
+    net = train_mnist_classifier(epochs=args.epochs, seed=args.seed, device=args.device)
+    save_mnist_feature_net(net, args.out)
+    print(f"held-out accuracy {net.meta['heldout_accuracy']:.4f} ({time.time() - start:.0f} s); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

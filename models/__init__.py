@@ -1,0 +1,9 @@
+"""Backbones, the Denoiser wrapper and analytic teachers. BACKBONES is open: BACKBONES["mine"] = MyNet."""
+from models.denoiser import PARAMETERISATIONS, Denoiser, preconditioning
+from models.mlp import MLP
+from models.unet import UNet
+
+BACKBONES = {
+    "unet": UNet,
+    "mlp": MLP,
+}

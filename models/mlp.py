@@ -1,0 +1,48 @@
+"""A residual MLP backbone for vector data (toy 2-D sets, the analytic mixtures in d dimensions).
+
+Same backbone contract as the U-Net: forward(x [B, D], noise_labels [B], class_labels=None) -> [B, D]; it knows
+nothing of sigma. The noise label is embedded as in DDPM++ (sinusoidal, then a 2-layer MLP) and added to each block.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.unet import FourierEmbedding, PositionalEmbedding
+
+
+class MLP(nn.Module):
+    """Residual MLP for vector data [B, D], with noise and optional class embedding."""
+
+    def __init__(self, dim=2, hidden=256, num_blocks=4, emb_channels=128, label_dim=0, dropout=0.0,
+                 embedding="fourier"):
+        super().__init__()
+        if embedding not in ("fourier", "positional"):
+            raise ValueError(f"unknown embedding {embedding!r}; known: fourier, positional")
+        self.dim, self.label_dim = dim, label_dim
+        self.noise_embed = FourierEmbedding(emb_channels) if embedding == "fourier" else PositionalEmbedding(emb_channels)
+        self.emb = nn.Sequential(nn.Linear(emb_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(norm=nn.LayerNorm(hidden), fc1=nn.Linear(hidden, 2 * hidden),
+                               fc2=nn.Linear(2 * hidden, hidden), emb=nn.Linear(hidden, 4 * hidden)))
+            for _ in range(num_blocks))
+        self.dropout = nn.Dropout(dropout)
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        emb = self.emb(self.noise_embed(noise_labels))
+        if self.label_embed is not None:
+            if class_labels is None:
+                raise ValueError("this MLP is class-conditional: pass class_labels")
+            onehot = F.one_hot(class_labels, self.label_dim).float() if class_labels.ndim == 1 else class_labels.float()
+            emb = emb + self.label_embed(onehot)
+        h = self.inp(x)
+        for block in self.blocks:
+            scale, shift = block["emb"](F.silu(emb)).chunk(2, dim=1)
+            y = F.silu(block["fc1"](block["norm"](h)))
+            h = h + block["fc2"](self.dropout(y * (1 + scale) + shift))
+        return self.out(F.silu(self.out_norm(h)))

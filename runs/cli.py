@@ -1,0 +1,27 @@
+"""What every command-line entry point shares: bad input becomes one line on stderr and exit code 2."""
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Turn ValueError / FileNotFoundError into `error: ...` and exit 2; FASTDIFF_DEBUG=1 shows the traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("FASTDIFF_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name="auto", local_rank=0):
+    import torch
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device

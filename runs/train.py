@@ -1,0 +1,291 @@
+"""Train any objective: python -m runs.train --backbone unet --objective dsm --data mnist [overrides ...]
+
+The loop of DESIGN.md, readable top to bottom. It owns optimisers (one Adam per role), EMA per role, AMP, gradient
+clipping, LR warm-up, DDP (one process per device when started by torchrun; gloo on CPU, NCCL on GPU),
+torch.compile, atomic checkpoints, `--resume`, and logs (progress bar, metrics.jsonl, TensorBoard, PNG sample grids).
+The objective only says which roles to update (`phases`) and what each role's loss is (`loss`).
+
+Exact resume: the batch at step k is a pure function of (seed, k) (see `BatchOrder`), and the checkpoint holds the
+networks, EMA, optimisers, scaler, step and RNG states, so a run stopped at step k and resumed ends with the same
+weights as one never stopped.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from models.ema import ema_beta, make_ema, update_ema
+from runs.build import build_dataset, build_objective, complete_config
+from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runs.cli import cli_errors, pick_device
+from runs.config import TrainSettings, load_yaml, merge, parse_overrides, resolve, save_yaml
+from objectives.base import using_networks
+from runs.images import save_image_grid
+
+
+class BatchOrder:
+    """Indices of the global batch at step k: epoch e = k // steps_per_epoch is a permutation seeded by (seed, e).
+    Each DDP rank takes its own slice. No iterator state, so resuming at any step is exact."""
+
+    def __init__(self, n, batch_size, seed, rank=0, world=1):
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
+        if batch_size > n:
+            raise ValueError(f"train.batch_size={batch_size} exceeds the data set size ({n})")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.steps_per_epoch = n // batch_size
+        self.epoch, self.perm = None, None
+
+    def __call__(self, step):
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=generator)
+        batch = self.perm[j * self.batch_size:(j + 1) * self.batch_size]
+        per_rank = self.batch_size // self.world
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+
+def batches(dataset, order, start_step, num_workers):
+    """Yield collated batches for steps start_step, start_step + 1, ..."""
+    class Steps(torch.utils.data.Sampler):
+        def __iter__(self):
+            step = start_step
+            while True:
+                yield order(step)
+                step += 1
+    # Its own generator: creating the iterator must not draw from the global RNG the objective uses.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=Steps(), num_workers=num_workers,
+                                         persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(start_step))
+    return iter(loader)
+
+
+def learning_rate(step, s):
+    warmup = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
+    decay = 0.5 * (1 + math.cos(math.pi * step / s.steps)) if s.lr_decay == "cosine" else 1.0
+    return s.lr * warmup * decay
+
+
+def autocast(device, amp):
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None:
+        raise ValueError(f"unknown train.amp {amp!r}; known: auto, bf16, fp16, none")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def setup_distributed():
+    """(rank, world, local_rank); initialises the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch_dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return torch_dist.get_rank(), world, local_rank
+
+
+def train(config, run_dir, resume=False, teacher=None):
+    """Train the resolved `config` into `run_dir`. Returns the objective (with raw, unwrapped networks)."""
+    s = TrainSettings(**config["train"])
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(s.device, local_rank)
+    run_dir = Path(run_dir)
+    main_process = rank == 0
+    torch.manual_seed(s.seed + rank)
+
+    dataset, objective = _build(config, teacher)
+    nets = {role: net.to(device) for role, net in objective.networks.items()}
+    ema = {role: make_ema(net) for role, net in nets.items()}
+    optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),
+                                         weight_decay=s.weight_decay) for role, net in nets.items()}
+    scaler = torch.amp.GradScaler(device.type, enabled=(s.amp == "fp16"))
+    step = 0
+    if resume:
+        state = load_checkpoint(run_dir / "checkpoint.pt")
+        for role in nets:
+            nets[role].load_state_dict(state["networks"][role])
+            ema[role].load_state_dict(state["ema"][role])
+            optimizers[role].load_state_dict(state["optimizers"][role])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    elif main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, run_dir / "config.yaml")
+
+    wrapped = {role: torch.compile(net) if s.compile else net for role, net in nets.items()}
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = {role: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids) for role, net in wrapped.items()}
+    objective.networks = wrapped
+
+    order = BatchOrder(len(dataset), s.batch_size, s.seed, rank, world)
+    data = batches(dataset, order, step, s.num_workers)
+    log = Logger(run_dir, step, enabled=main_process)
+    grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
+    grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
+    sums, first_bad_step = {}, torch.full((), -1, device=device)
+    progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True)
+    tic, tic_step = time.time(), step
+
+    while step < s.steps:
+        x, labels = (t.to(device, non_blocking=True) for t in next(data))
+        lr = learning_rate(step, s)
+        for role in objective.phases(step):
+            for group in optimizers[role].param_groups:
+                group["lr"] = lr
+            with autocast(device, s.amp):
+                loss, logs = objective.loss(role, (x, labels), step)
+            optimizers[role].zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizers[role])
+            if s.grad_clip:
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(nets[role].parameters(), s.grad_clip)
+            scaler.step(optimizers[role])
+            scaler.update()
+            update_ema(ema[role], nets[role], ema_beta((step + 1) * s.batch_size, s.batch_size,
+                                                       s.ema_halflife_kimg, s.ema_rampup))
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+            for key, value in logs.items():
+                sums[f"{role}/{key}"] = sums.get(f"{role}/{key}", 0) + value.detach().float()
+        step += 1
+        progress.update(1)
+
+        checkpoint_now = step % s.ckpt_every == 0 or step == s.steps
+        if step % s.log_every == 0 or checkpoint_now or step == s.steps:
+            bad = int(first_bad_step)  # the one host sync per log interval
+            if bad >= 0:
+                raise FloatingPointError(f"loss is not finite (nan or inf) at step {bad}; stopped. "
+                                         f"{last_good(run_dir / 'checkpoint.pt')}")
+            n = step - tic_step
+            record = {k: float(v) / n for k, v in sums.items()}
+            record.update(step=step, lr=lr, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9))
+            log.write(record)
+            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")},
+                                 refresh=False)
+            sums, tic, tic_step = {}, time.time(), step
+        if checkpoint_now and main_process:
+            save_checkpoint({"step": step, "config": config,
+                             "networks": {r: n.state_dict() for r, n in nets.items()},
+                             "ema": {r: e.state_dict() for r, e in ema.items()},
+                             "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
+                             "scaler": scaler.state_dict(), "rng": rng_state()}, run_dir / "checkpoint.pt")
+        if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
+            with using_networks(objective, ema), torch.inference_mode():
+                cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None
+                images = objective.generate(grid_noise.to(device), s.sample_nfe, cond)
+            save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+    progress.close()
+    log.close()
+    objective.networks = nets
+    if world > 1:
+        torch_dist.destroy_process_group()
+    return objective, ema
+
+
+def _build(config, teacher):
+    dataset = build_dataset(config)
+    objective = build_objective(config, **({"teacher": teacher} if teacher is not None else {}))
+    return dataset, objective
+
+
+def last_good(path):
+    if not path.exists():
+        return "No checkpoint had been written yet."
+    return f"The last good checkpoint, {path}, is kept (step {load_checkpoint(path)['step']})."
+
+
+class Logger:
+    """metrics.jsonl (truncated to `start_step` on resume, so a killed run leaves no duplicate lines) and
+    TensorBoard, on the main process only."""
+
+    def __init__(self, run_dir, start_step, enabled=True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(run_dir / "tensorboard", purge_step=start_step or None)
+        except ImportError:  # tensorboard is a dependency; tolerate its absence in stripped-down installs
+            self.tb = None
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def make_config(args):
+    """The resolved config of a new run, or of the run being resumed (only train.* may change on resume)."""
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        if args.config or args.backbone or args.objective or args.data:
+            raise ValueError("--resume continues a run with its saved config; only train.* overrides may be given")
+        if set(overrides) - {"train"}:
+            raise ValueError("--resume: only train.* settings may change (e.g. train.steps=...)")
+        return resolve(merge(load_yaml(Path(args.resume) / "config.yaml"), overrides)), None
+    flags = {s: {"name": getattr(args, s)} for s in ("backbone", "objective", "data") if getattr(args, s)}
+    defaults = {"backbone": {"name": "unet"}, "objective": {"name": "dsm"}, "data": {"name": "mnist"}}
+    preset = load_yaml(args.config) if args.config else {}
+    return complete_config(merge(defaults, preset, flags, overrides))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runs.train", description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", help="backbone name (python -m runs.list)")
+    p.add_argument("--objective", help="objective name")
+    p.add_argument("--data", help="data set name")
+    p.add_argument("--config", help="YAML preset, e.g. runs/configs/mnist_teacher.yaml")
+    p.add_argument("--out", help="run directory (default: out/<data>-<objective>-<backbone>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. backbone.model_channels=64 train.steps=1000")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli_errors():
+        config, _ = make_config(args)
+        run_dir = Path(args.resume or args.out or
+                       f"out/{config['data']['name']}-{config['objective']['name']}-{config['backbone']['name']}")
+        if not args.resume and (run_dir / "checkpoint.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out")
+        try:
+            train(config, run_dir, resume=bool(args.resume))
+        except FloatingPointError as e:
+            raise ValueError(str(e)) from None
+        print(f"done: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

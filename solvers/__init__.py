@@ -1,0 +1,73 @@
+"""ODE samplers over a denoiser and a sigma schedule (EDM / k-diffusion variance-exploding convention).
+
+    sigmas = sigmas_for_nfe("heun", nfe=9)                      # karras grid, 5 steps
+    x0 = SOLVERS["heun"](denoiser, sigmas[0] * z, sigmas, **options_for_nfe("heun", 9))
+
+A sampler is `sample(denoiser, x, sigmas, cond=None, callback=None, return_trajectory=False, **options)`
+with x = sigmas[0] * z and sigmas strictly decreasing and ending in 0 (n steps = n + 1 entries). It
+carries `steps_for_nfe(nfe)` and `options_for_nfe(nfe)`, so that a budget of NFE evaluations is met
+exactly; wrap the denoiser in `CountingDenoiser` to measure it. Registries are plain dicts, open to
+users: SOLVERS["mine"] = my_sampler.
+"""
+import inspect
+
+from .common import CountingDenoiser
+from .euler import euler_step, sample_euler
+from .heun import heun_step, sample_heun
+from .schedules import (SCHEDULES, explicit, from_file, karras, logsnr, polyexponential, uniform_t,
+                        vp_sigma, vp_t)
+
+SOLVERS = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+}
+
+
+def get_solver(solver):
+    """A sampler by name from SOLVERS, or a sampler function passed through."""
+    if callable(solver):
+        return solver
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[solver]
+
+
+def get_schedule(schedule):
+    """A schedule by name from SCHEDULES, or a schedule function passed through."""
+    if callable(schedule):
+        return schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known schedules: {', '.join(sorted(SCHEDULES))}")
+    return SCHEDULES[schedule]
+
+
+def _nfe_companion(sample, attribute):
+    companion = getattr(sample, attribute, None)
+    if companion is None:
+        raise ValueError(f"solver {getattr(sample, '__name__', sample)!r} has no {attribute}(nfe); "
+                         f"attach one to the sampler function")
+    return companion
+
+
+def sigmas_for_nfe(solver, nfe, schedule="karras", **schedule_kwargs):
+    """The schedule (n + 1 float64 sigmas ending in 0) for which `solver` spends exactly `nfe` evaluations,
+    given the options from options_for_nfe(solver, nfe)."""
+    n_steps = _nfe_companion(get_solver(solver), "steps_for_nfe")(nfe)
+    schedule_fn = get_schedule(schedule)
+    try:
+        inspect.signature(schedule_fn).bind(n_steps, **schedule_kwargs)
+    except TypeError as error:
+        raise ValueError(f"schedule {getattr(schedule_fn, '__name__', schedule)!r}: {error}") from None
+    return schedule_fn(n_steps, **schedule_kwargs)
+
+
+def options_for_nfe(solver, nfe):
+    """The sampler options that go with sigmas_for_nfe(solver, nfe) (e.g. heun's euler_first_steps)."""
+    return dict(_nfe_companion(get_solver(solver), "options_for_nfe")(nfe))
+
+
+__all__ = [
+    "SOLVERS", "SCHEDULES", "CountingDenoiser", "sample_euler", "sample_heun", "euler_step", "heun_step",
+    "karras", "uniform_t", "logsnr", "polyexponential", "explicit", "from_file", "vp_sigma", "vp_t",
+    "get_solver", "get_schedule", "sigmas_for_nfe", "options_for_nfe",
+]
