@@ -35,11 +35,16 @@ class MLP(nn.Module):
 
     def forward(self, x, noise_labels, class_labels=None):
         emb = self.emb(self.noise_embed(noise_labels))
-        if self.label_embed is not None:
+        if self.label_embed is not None:  # None = the null label (zeros), as in the U-Net
             if class_labels is None:
-                raise ValueError("this MLP is class-conditional: pass class_labels")
-            onehot = F.one_hot(class_labels, self.label_dim).float() if class_labels.ndim == 1 else class_labels.float()
+                onehot = x.new_zeros(x.shape[0], self.label_dim)
+            elif class_labels.ndim == 1:
+                onehot = F.one_hot(class_labels.long(), self.label_dim).float()
+            else:
+                onehot = class_labels.float()
             emb = emb + self.label_embed(onehot)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional MLP (label_dim=0); pass None or set label_dim")
         h = self.inp(x)
         for block in self.blocks:
             scale, shift = block["emb"](F.silu(emb)).chunk(2, dim=1)

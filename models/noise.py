@@ -6,8 +6,6 @@ signal are converted with sigma = b(t) / a(t) and x_ve = x_t / a(t) (EDM, Karras
 - VP (DDPM / score SDE, linear beta):  a = 1 / sqrt(1 + sigma^2),  sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
 - rectified flow / flow matching:      x_t = (1 - t) x0 + t n,     sigma = t / (1 - t),  a = 1 - t = 1 / (1 + sigma)
 """
-import math
-
 import torch
 
 VP_BETA_MIN = 0.1
@@ -62,5 +60,3 @@ def edm_log_noise_label(sigma):
     """EDM's noise conditioning c_noise = ln(sigma) / 4."""
     return sigma.log() / 4
 
-
-LOG_2PI = math.log(2 * math.pi)

@@ -45,8 +45,6 @@ class TrainSettings:
     sample_every: int = 2000           # PNG grid of samples; 0 disables
     sample_nfe: int = 35
     sample_grid: int = 64
-    eval_every: int = 0                # quality metric (MNIST-FID for MNIST) every N steps; 0 disables
-    eval_n: int = 1000
 
 
 def parse_value(text):

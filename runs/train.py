@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def train(config, run_dir, resume=False, teacher=None):
     optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),
                                          weight_decay=s.weight_decay) for role, net in nets.items()}
     scaler = torch.amp.GradScaler(device.type, enabled=(s.amp == "fp16"))
-    step = 0
+    step, elapsed_before = 0, 0.0
     if resume:
         state = load_checkpoint(run_dir / "checkpoint.pt")
         for role in nets:
@@ -122,7 +123,7 @@ def train(config, run_dir, resume=False, teacher=None):
             optimizers[role].load_state_dict(state["optimizers"][role])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step = state["step"]
+        step, elapsed_before = state["step"], state.get("elapsed_sec", 0.0)
     elif main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
@@ -139,8 +140,10 @@ def train(config, run_dir, resume=False, teacher=None):
     grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
     grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
     sums, first_bad_step = {}, torch.full((), -1, device=device)
-    progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True)
-    tic, tic_step = time.time(), step
+    progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True,
+                    mininterval=1 if sys.stderr.isatty() else 30)
+    start = tic = time.time()
+    tic_step = step
 
     while step < s.steps:
         x, labels = (t.to(device, non_blocking=True) for t in next(data))
@@ -173,7 +176,8 @@ def train(config, run_dir, resume=False, teacher=None):
                                          f"{last_good(run_dir / 'checkpoint.pt')}")
             n = step - tic_step
             record = {k: float(v) / n for k, v in sums.items()}
-            record.update(step=step, lr=lr, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9))
+            record.update(step=step, lr=lr, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9),
+                          elapsed_sec=round(elapsed_before + time.time() - start, 1))
             log.write(record)
             progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")},
                                  refresh=False)
@@ -183,7 +187,8 @@ def train(config, run_dir, resume=False, teacher=None):
                              "networks": {r: n.state_dict() for r, n in nets.items()},
                              "ema": {r: e.state_dict() for r, e in ema.items()},
                              "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                             "scaler": scaler.state_dict(), "rng": rng_state()}, run_dir / "checkpoint.pt")
+                             "scaler": scaler.state_dict(), "rng": rng_state(),
+                             "elapsed_sec": elapsed_before + time.time() - start}, run_dir / "checkpoint.pt")
         if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
             with using_networks(objective, ema), torch.inference_mode():
                 cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None

@@ -7,7 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # many small ops: one thread is fastest and immune to a busy machine
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def run_cli(tmp_path):
     import subprocess
 
     def run(module, *args, env=None, timeout=600):
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTDIFF_CACHE": str(tmp_path / "cache"), **(env or {})}
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FASTDIFF_CACHE": str(tmp_path / "cache"), **(env or {})}
         return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=full_env,
                               capture_output=True, text=True, timeout=timeout)
     return run

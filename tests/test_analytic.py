@@ -7,7 +7,8 @@ import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from data.mixtures import GaussianMixtureData, gaussian_mixture_params, sample_gaussian_mixture
-from models.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, PPCAMixtureDenoiser
+from models.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser
+from models.ppca import PPCAMixtureDenoiser
 
 f64 = torch.float64
 

@@ -1,0 +1,102 @@
+"""Benchmarks that write their measured results to files: python -m runs.bench teacher RUN [--n 2000]
+
+teacher  sample a trained image teacher with several solvers and NFE, score each with MNIST-FID against n real
+         digits (the same seeded subset the real-data floor uses), measure images per second, and write
+         <out>.md, <out>.csv, <out>.json and <out>_grid.png (Heun at the highest NFE).
+"""
+import argparse
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metrics import METRICS
+from runs.build import load_run
+from runs.cli import cli_errors, pick_device
+from runs.eval import default_reference
+from runs.images import save_image_grid, to_uint8
+from runs.sample import sample
+
+TEACHER_GRID = [("heun", 35), ("heun", 17), ("heun", 9), ("euler", 35), ("euler", 9)]
+
+
+def training_summary(run_dir):
+    """Steps, images and training wall time from a run directory's metrics.jsonl (None when not recorded)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    last = records[-1] if records else {}
+    return {"steps": last.get("step"), "train_seconds": last.get("elapsed_sec")}
+
+
+def bench_teacher(run, n, out, device, seed=0):
+    config, objective = load_run(run, device)
+    reference_all = default_reference()
+    order = np.random.default_rng(seed).permutation(len(reference_all))
+    reference, floor_other = reference_all[order[:n]], reference_all[order[n:2 * n]]
+    fid = METRICS["fid-mnist"]
+    floor = fid(floor_other, reference)
+    rows, grid = [], None
+    for solver, nfe in TEACHER_GRID:
+        tic = time.time()
+        samples, labels, measured_nfe, rate = sample(objective, config, n, nfe, solver, batch=500, seed=seed,
+                                                     device=device)
+        images = to_uint8(samples).numpy()
+        rows.append({"solver": solver, "nfe": measured_nfe, "fid_mnist": round(fid(images, reference), 3),
+                     "fid_ratio_to_floor": round(fid(images, reference) / floor, 2),
+                     "images_per_sec": round(rate, 1), "seconds": round(time.time() - tic, 1)})
+        print(rows[-1], flush=True)
+        if grid is None:
+            order_by_class = torch.argsort(labels[:200], stable=True) if labels is not None else torch.arange(100)
+            grid = samples[order_by_class[:100]]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(grid, out.with_name(out.name + "_grid.png"), nrow=10)
+    summary = {"run": str(run), "n": n, "floor_fid_mnist": round(floor, 3), "device": str(device),
+               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, **training_summary(run), "rows": rows}
+    out.with_suffix(".md").write_text(teacher_markdown(summary, out))
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return summary
+
+
+def teacher_markdown(summary, out):
+    hours = summary.get("train_seconds")
+    lines = [f"# MNIST teacher: measured by `python -m runs.bench teacher {summary['run']}`", "",
+             f"- training: {summary.get('steps')} steps" + (f", {hours / 60:.1f} minutes wall time" if hours else ""),
+             f"- real-data floor (MNIST-FID of {summary['n']} real digits against {summary['n']} others): "
+             f"{summary['floor_fid_mnist']}",
+             f"- sampling on {summary['device']} ({summary['machine']}, torch {summary['torch']}), "
+             f"{summary['n']} samples per row, batch 500", "",
+             "| solver | NFE | MNIST-FID | FID / floor | images/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['solver']} | {r['nfe']:g} | {r['fid_mnist']} | {r['fid_ratio_to_floor']} | {r['images_per_sec']} |"
+              for r in summary["rows"]]
+    lines += ["", f"![samples, Heun {summary['rows'][0]['nfe']:g} NFE, one row per class]({out.name}_grid.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runs.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="bench", required=True)
+    teacher = sub.add_parser("teacher", help="FID and speed of a trained MNIST teacher across solvers and NFE")
+    teacher.add_argument("run")
+    teacher.add_argument("--n", type=int, default=2000)
+    teacher.add_argument("--out", default="bench/mnist_teacher")
+    teacher.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    with cli_errors():
+        summary = bench_teacher(args.run, args.n, args.out, pick_device(args.device))
+        print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()
