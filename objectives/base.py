@@ -7,8 +7,9 @@ each role; the training loop owns optimisers, EMA, AMP, clipping, DDP and checkp
     generate(z, nfe, cond=None) -> Tensor               how the trained model samples from unit noise z
     denoiser() -> D(x, sigma, **cond) or None           a denoiser any solver can sample, when the method has one
 
-Objectives read their networks through `self.networks[role]` at call time, so the loop can swap in EMA weights,
-DDP or compiled wrappers without the objective knowing.
+Objectives call their networks through `self.networks[role]` at call time, so the loop can swap in EMA weights,
+DDP or compiled wrappers without the objective knowing; facts about a network (its parameterisation, whether it takes
+labels) are recorded at construction, since a wrapper does not expose the module's attributes.
 """
 import contextlib
 

@@ -37,6 +37,8 @@ class DSM(Objective):
         self.sigma_sampler = choose(sigma_sampler, SIGMA_SAMPLERS, "sigma_sampler")
         self.weighting = choose(weighting, WEIGHTINGS, "weighting")
         self.networks["denoiser"] = Denoiser(backbone, parameterisation, sigma_data)
+        self.parameterisation, self.sigma_data = parameterisation, sigma_data
+        self.conditional = bool(getattr(backbone, "label_dim", 0))
         self.P_mean, self.P_std = P_mean, P_std
         self.vp_eps_t, self.flow_logit_normal = vp_eps_t, flow_logit_normal
         self.solver = pick(SOLVERS, solver, "solver")
@@ -55,11 +57,10 @@ class DSM(Objective):
         return flow_sigma(t.clamp(1e-5, 1 - 1e-5))
 
     def weight(self, sigma):
-        denoiser = self.networks["denoiser"]
         if self.weighting == "uniform":
             return torch.ones_like(sigma)
-        kind = "edm" if self.weighting == "edm" else denoiser.parameterisation
-        c_out = preconditioning(kind, sigma, denoiser.sigma_data)[1]
+        kind = "edm" if self.weighting == "edm" else self.parameterisation
+        c_out = preconditioning(kind, sigma, self.sigma_data)[1]
         return 1 / c_out**2
 
     def loss(self, role, batch, step):
@@ -67,14 +68,10 @@ class DSM(Objective):
         denoiser = self.networks["denoiser"]
         sigma = self.sample_sigma(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
-        x0_hat = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma, self.labels(labels))
+        x0_hat = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma, labels if self.conditional else None)
         per_sample = (x0_hat - x0).float().square().flatten(1).mean(1)
         loss = (self.weight(sigma) * per_sample).mean()
         return loss, {"loss": loss.detach()}
-
-    def labels(self, labels):
-        label_dim = self.networks["denoiser"].label_dim
-        return labels if label_dim else None
 
     def denoiser(self):
         return self.networks["denoiser"]

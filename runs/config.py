@@ -37,7 +37,7 @@ class TrainSettings:
     seed: int = 0
     conditional: bool = False          # condition on the data's class labels
     amp: str = "auto"                  # "auto" (bf16 on CUDA, off on CPU), "bf16", "fp16" or "none"
-    compile: bool = False              # torch.compile each trainable network
+    compile: bool = False              # torch.compile each trainable network (or a backend name, e.g. "eager")
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:1", ...
     num_workers: int = 0
     log_every: int = 100

@@ -128,7 +128,11 @@ def train(config, run_dir, resume=False, teacher=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
 
-    wrapped = {role: torch.compile(net) if s.compile else net for role, net in nets.items()}
+    if s.compile:  # true: inductor; a string names another torch.compile backend
+        backend = s.compile if isinstance(s.compile, str) else "inductor"
+        wrapped = {role: torch.compile(net, backend=backend) for role, net in nets.items()}
+    else:
+        wrapped = dict(nets)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = {role: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids) for role, net in wrapped.items()}

@@ -138,3 +138,23 @@ def test_bad_configs_are_one_line_errors(args, message):
         config = make_config(parse_args(args))[0]
         from runs.build import build_objective
         build_objective(config)
+
+
+@pytest.mark.parametrize("setting", ["train.amp=bf16", "train.compile=eager", "train.lr_decay=cosine"])
+def test_loop_options_run_and_checkpoint_plain_weights(tmp_path, setting):
+    run = tmp_path / "run"
+    objective, ema = train(config_for("train.steps=2", setting), run)
+    state = load_checkpoint(run)
+    assert state["step"] == 2
+    assert set(state["networks"]["denoiser"]) == set(objective.networks["denoiser"].state_dict())  # no wrapper prefixes
+    assert all(torch.isfinite(t).all() for t in state["networks"]["denoiser"].values())
+
+
+def test_distributed_data_parallel_on_cpu(tmp_path, run_cli):
+    """torchrun with 2 processes (gloo): both ranks train on their half of each batch; rank 0 checkpoints."""
+    result = run_cli("torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "runs.train",
+                     *TOY, "train.steps=3", "--out", tmp_path / "ddp", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_checkpoint(tmp_path / "ddp")
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["networks"]["denoiser"].values())
