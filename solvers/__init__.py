@@ -12,14 +12,19 @@ users: SOLVERS["mine"] = my_sampler.
 import inspect
 
 from .common import CountingDenoiser
+from .ddim import ddim_step, sample_ddim
 from .euler import euler_step, sample_euler
 from .heun import heun_step, sample_heun
+from .stochastic import edm_stochastic_step, euler_ancestral_step, sample_edm_stochastic, sample_euler_ancestral
 from .schedules import (SCHEDULES, explicit, from_file, karras, logsnr, polyexponential, uniform_t,
                         vp_sigma, vp_t)
 
 SOLVERS = {
     "euler": sample_euler,
     "heun": sample_heun,
+    "ddim": sample_ddim,
+    "euler_ancestral": sample_euler_ancestral,
+    "edm_stochastic": sample_edm_stochastic,
 }
 
 
@@ -68,6 +73,8 @@ def options_for_nfe(solver, nfe):
 
 __all__ = [
     "SOLVERS", "SCHEDULES", "CountingDenoiser", "sample_euler", "sample_heun", "euler_step", "heun_step",
+    "sample_ddim", "ddim_step", "sample_euler_ancestral", "euler_ancestral_step", "sample_edm_stochastic",
+    "edm_stochastic_step",
     "karras", "uniform_t", "logsnr", "polyexponential", "explicit", "from_file", "vp_sigma", "vp_t",
     "get_solver", "get_schedule", "sigmas_for_nfe", "options_for_nfe",
 ]

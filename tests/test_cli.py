@@ -60,7 +60,7 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
     code, err = exit_code_and_stderr(runs_sample.main, [str(broken)], capsys)
     assert code == 2 and "truncated or corrupt" in err and "Traceback" not in err
     code, err = exit_code_and_stderr(runs_sample.main, [str(tiny_run), "--solver", "rk45"], capsys)
-    assert code == 2 and "unknown solver 'rk45'; known: euler, heun" in err
+    assert code == 2 and "unknown solver 'rk45'; known: ddim, edm_stochastic, euler" in err
     code, err = exit_code_and_stderr(runs_sample.main, [str(tiny_run), "--out", "x.jpg"], capsys)
     assert code == 2 and ".npz or .png" in err
 
@@ -97,3 +97,14 @@ def test_list_prints_every_registry(capsys):
                  "datasets:", "mnist", "cifar10", "metrics:"):
         assert name in out
     assert "(undocumented)" not in out
+
+
+def test_cifar10_preset_builds_edm_ddpmpp_and_resolves():
+    """The GPU recipe's backbone is EDM's 55.73 M-parameter DDPM++; every key in the preset is a real argument."""
+    from models import BACKBONES
+    from runs.config import load_yaml, resolve
+    preset = load_yaml("runs/configs/cifar10_teacher.yaml")
+    resolved = resolve(preset)
+    backbone = dict(resolved["backbone"])
+    net = BACKBONES[backbone.pop("name")](**{**backbone, "img_resolution": 32, "in_channels": 3})
+    assert sum(p.numel() for p in net.parameters()) == 55_732_739
