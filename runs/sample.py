@@ -7,6 +7,7 @@ writes `images` uint8 [N, C, H, W] at the data's own resolution (plus `labels` w
 `samples` float32 [N, D]); ending in `.png` writes a grid.
 """
 import argparse
+import inspect
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
             schedule_kwargs["rho"] = config["objective"]["rho"]
         sigmas = sigmas_for_nfe(solver, nfe, schedule_name, **schedule_kwargs).to(device)
         options = options_for_nfe(solver, nfe)
+        if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
+            options["generator"] = torch.Generator(device).manual_seed(seed + 1)
         counted = CountingDenoiser(denoiser)
     out, calls, elapsed = [], 0, 0.0
     for start in range(0, n, batch):

@@ -13,9 +13,14 @@ import inspect
 
 from .common import CountingDenoiser
 from .ddim import ddim_step, sample_ddim
+from .dpm_solver import dpm_solver_step, sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3
+from .dpmpp import (dpmpp_2m_sde_step, dpmpp_2m_step, dpmpp_2s_step, dpmpp_3m_step, sample_dpmpp_2m,
+                    sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
 from .euler import euler_step, sample_euler
 from .heun import heun_step, sample_heun
+from .multistep import deis_step, ipndm_step, lms_step, sample_deis, sample_ipndm, sample_lms
 from .stochastic import edm_stochastic_step, euler_ancestral_step, sample_edm_stochastic, sample_euler_ancestral
+from .unipc import sample_unipc, sample_unipc_bh1, sample_unipc_bh2, unipc_step
 from .schedules import (SCHEDULES, explicit, from_file, karras, logsnr, polyexponential, uniform_t,
                         vp_sigma, vp_t)
 
@@ -23,8 +28,20 @@ SOLVERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "ddim": sample_ddim,
+    "dpm_solver_1": sample_dpm_solver_1,
+    "dpm_solver_2": sample_dpm_solver_2,
+    "dpm_solver_3": sample_dpm_solver_3,
+    "dpmpp_2s": sample_dpmpp_2s,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "euler_ancestral": sample_euler_ancestral,
     "edm_stochastic": sample_edm_stochastic,
+    "lms": sample_lms,
+    "ipndm": sample_ipndm,
+    "deis": sample_deis,
+    "unipc_bh1": sample_unipc_bh1,
+    "unipc_bh2": sample_unipc_bh2,
 }
 
 
@@ -74,7 +91,11 @@ def options_for_nfe(solver, nfe):
 __all__ = [
     "SOLVERS", "SCHEDULES", "CountingDenoiser", "sample_euler", "sample_heun", "euler_step", "heun_step",
     "sample_ddim", "ddim_step", "sample_euler_ancestral", "euler_ancestral_step", "sample_edm_stochastic",
-    "edm_stochastic_step",
+    "edm_stochastic_step", "sample_lms", "lms_step", "sample_ipndm", "ipndm_step", "sample_deis", "deis_step",
+    "sample_unipc", "sample_unipc_bh1", "sample_unipc_bh2", "unipc_step", "sample_dpm_solver_1",
+    "sample_dpm_solver_2", "sample_dpm_solver_3", "dpm_solver_step", "sample_dpmpp_2s", "dpmpp_2s_step",
+    "sample_dpmpp_2m", "dpmpp_2m_step", "sample_dpmpp_3m", "dpmpp_3m_step", "sample_dpmpp_2m_sde",
+    "dpmpp_2m_sde_step",
     "karras", "uniform_t", "logsnr", "polyexponential", "explicit", "from_file", "vp_sigma", "vp_t",
     "get_solver", "get_schedule", "sigmas_for_nfe", "options_for_nfe",
 ]

@@ -17,7 +17,9 @@ sigma_{n-1} is free in [sigma_min, sigma_max) - moving it up trades the final x 
 against the ODE steps. a_1 = 0 fixes softmax's shift, leaving n - 1 free numbers.
 
 Search. Powell's derivative-free direction-set method (scipy) on a, minimising log L, started from Karras
-rho = 7 and from log-uniform (logsnr), keeping the better end point. Derivative-free because the solvers
+rho = 7 and from log-uniform (logsnr), keeping the better end point. Each start is first scanned over its
+last level (the same schedule ending at 6 higher levels, 1.3 e-folds apart): the loss has separate basins
+there, and a local search from sigma_min alone misses e.g. Heun's good few-step schedules. Derivative-free because the solvers
 take their levels as python floats (one host sync per solve, see solvers.common.run_sampler), so no
 gradient flows to the schedule; it then works for every registered solver as it is (multistep, stochastic
 ones with a fixed generator, teachers in float32), and a loss evaluation is one solve on the batch.
@@ -60,14 +62,14 @@ def schedule_from_logits(logits, sigma_min, sigma_max, min_gap=0.05):
     log_max, log_range = math.log(sigma_max), math.log(sigma_max / sigma_min)
     gap = _gap(min_gap, steps, log_range)
     increments = gap + (log_range - (steps - 1) * gap) * logits.softmax(0)[:-1]
-    levels = (log_max - torch.cat([increments.new_zeros(1), increments.cumsum(0)])).exp()
+    levels = (log_max - torch.cat([increments.new_zeros(1), increments.cumsum(0)])).exp().clamp_min(sigma_min)
     levels[0] = sigma_max
     return torch.cat([levels, levels.new_zeros(1)])
 
 
 def logits_from_schedule(sigmas, sigma_min, sigma_max, min_gap=0.05, floor=1e-9):
-    """The logits (first one 0) whose schedule is closest to `sigmas` (n + 1 levels ending in 0); a log-step
-    below the minimum gap is raised to it, and a zero slack (last level = sigma_min) becomes `floor`."""
+    """The logits (first one 0) whose schedule is closest to `sigmas` (n + 1 levels ending in 0); a share of
+    the log-range below `floor` (a log-step at the minimum gap, a last level at sigma_min) is raised to it."""
     levels = torch.as_tensor(sigmas, dtype=torch.float64)[:-1]
     steps = levels.numel()
     log_range = math.log(sigma_max / sigma_min)
@@ -174,7 +176,20 @@ def optimise_schedule(denoiser, solver, nfe, z, sigma_min=0.002, sigma_max=80.0,
     steps = first.numel() - 1
     if steps > 1 and iters > 0:
         for init in inits:
-            start = logits_from_schedule(starts[init], sigma_min, sigma_max, min_gap)[1:].numpy()
+            # The loss has separate basins in the last level (a second-order step into a tiny sigma_min blows
+            # up, fact sheet E.5), so the local search starts from the best of the schedule and its copies
+            # ending higher, at sigma_min (sigma_max / sigma_min)^(k / 8), k = 1 .. 6.
+            candidates = [(initial[init], starts[init])]
+            for k in range(1, 7):
+                end = sigma_min * (sigma_max / sigma_min) ** (k / 8)
+                raised = sigmas_for_nfe(sample, nfe, init, sigma_min=end, sigma_max=sigma_max)
+                candidates.append((loss(raised), raised))
+            start_loss, start_sigmas = min(candidates, key=lambda candidate: candidate[0])
+            if start_loss < best_loss:
+                best, best_loss = start_sigmas, start_loss
+            # every share >= 1%: where a schedule puts its last level at sigma_min, the slack logit would
+            # otherwise start so low that the loss is flat in it and the line search could not move it
+            start = logits_from_schedule(start_sigmas, sigma_min, sigma_max, min_gap, floor=0.01)[1:].numpy()
             result = minimize(objective, start, method="Powell",
                               options={"maxfev": iters, "xtol": 1e-3, "ftol": 1e-4})
             candidate = schedule_from_logits(np.concatenate([[0.0], result.x]), sigma_min, sigma_max, min_gap)

@@ -184,7 +184,7 @@ def sample_unipc(denoiser, x, sigmas, cond=None, callback=None, return_trajector
 
 def sample_unipc_bh1(denoiser, x, sigmas, cond=None, callback=None, return_trajectory=False, order=2,
                      lower_order_final=True, corrector=True):
-    """UniPC-bh1 (B(h) = h; suggested for unconditional sampling in < 10 steps): order p + 1, 1 NFE per step.
+    """UniPC-bh1 (B = -h here; suggested for unconditional sampling in < 10 steps): order p + 1, 1 NFE per step.
 
     Options and returns as sample_unipc (order = p, default 2).
     """
@@ -194,7 +194,7 @@ def sample_unipc_bh1(denoiser, x, sigmas, cond=None, callback=None, return_traje
 
 def sample_unipc_bh2(denoiser, x, sigmas, cond=None, callback=None, return_trajectory=False, order=2,
                      lower_order_final=True, corrector=True):
-    """UniPC-bh2 (B(h) = e^h - 1; the usual default): order p + 1, 1 NFE per step.
+    """UniPC-bh2 (B = e^-h - 1 here; the usual default): order p + 1, 1 NFE per step.
 
     Options and returns as sample_unipc (order = p, default 2).
     """

@@ -60,7 +60,7 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
     code, err = exit_code_and_stderr(runs_sample.main, [str(broken)], capsys)
     assert code == 2 and "truncated or corrupt" in err and "Traceback" not in err
     code, err = exit_code_and_stderr(runs_sample.main, [str(tiny_run), "--solver", "rk45"], capsys)
-    assert code == 2 and "unknown solver 'rk45'; known: ddim, edm_stochastic, euler" in err
+    assert code == 2 and "unknown solver 'rk45'; known: ddim, deis, dpm_solver_1" in err
     code, err = exit_code_and_stderr(runs_sample.main, [str(tiny_run), "--out", "x.jpg"], capsys)
     assert code == 2 and ".npz or .png" in err
 

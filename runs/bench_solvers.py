@@ -1,0 +1,368 @@
+"""The solver benchmark: every registered solver x NFE, against the exact ODE map, on Karras and fitted schedules.
+
+    bench_solvers("bench/solvers", dims=(2, 64), nfes=(4, 8, 16))    # writes .md, .csv, .json and .png
+
+1. Analytic Gaussian mixture (data.mixtures, K components, each dim): the reference is the exact ODE map
+   z -> x(0) (solvers.reference, DOP853 at rtol = atol = 1e-10), checked by halving both tolerances; the
+   change must be far below the smallest error reported. For every deterministic solver and NFE: the RMSE
+   of x0 to x(0), on Karras rho=7 and on a schedule fitted by solvers.optimise on OTHER noises. The Karras
+   rows also give the RMSE at sigma_min (the last nonzero level) to x(sigma_min): the ODE discretisation
+   error alone. "floor" is the RMSE of D(x(sigma_min), sigma_min) to x(0): what a solver whose last step is
+   x = D (Euler, Heun, DPM-Solver++, UniPC) keeps at any NFE on a grid that ends at sigma_min.
+2. Overhead: each solver's own time per step on a batch of images with a trivial denoiser D = 0.5 x,
+   with the time spent inside the denoiser calls taken out.
+3. With mnist_run: per solver and NFE, MNIST-FID against the same seeded subset of real digits runs.eval
+   and runs.bench use, and the RMSE to a fine reference (Heun, mnist_reference_nfe, Karras), with Karras
+   and fitted schedules. Stochastic samplers get FID only: they do not approximate the ODE map.
+NFEs below a solver's minimum (its sigmas_for_nfe refuses them) are skipped and listed.
+"""
+import csv
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from solvers import SOLVERS, CountingDenoiser, get_solver, options_for_nfe, sigmas_for_nfe
+from solvers.optimise import _takes_generator, optimise_schedule, solve_batched
+from solvers.reference import reference_solution, reference_tolerance_check
+
+FIELDS = ["part", "data", "solver", "nfe", "schedule", "rmse", "rmse_at_sigma_min", "fid_mnist", "fit_rmse_before",
+          "fit_rmse_after", "fit_seconds", "overhead_us_per_step", "denoiser_us_per_call", "steps", "sigmas"]
+
+
+def rmse(a, b):
+    return float((a.to(torch.float64) - b.to(torch.float64)).square().mean().sqrt())
+
+
+def _solver_dict(solvers):
+    if solvers is None:
+        return dict(SOLVERS)
+    if isinstance(solvers, dict):
+        return dict(solvers)
+    return {name: get_solver(name) for name in solvers}
+
+
+def _schedule(name, sample, nfe, sigma_min, sigma_max, skipped, where):
+    """Karras sigmas for `nfe`, or None (recorded in `skipped`) when the solver refuses that budget."""
+    try:
+        return sigmas_for_nfe(sample, nfe, sigma_min=sigma_min, sigma_max=sigma_max)
+    except ValueError as error:
+        skipped.append({"data": where, "solver": name, "nfe": nfe, "reason": str(error)})
+        return None
+
+
+def is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max):
+    """Whether the sampler's output depends on its generator's seed (DDIM at eta = 0 takes one and does not)."""
+    if not _takes_generator(sample):
+        return False
+    for nfe in sorted(nfes, reverse=True):
+        try:
+            sigmas = sigmas_for_nfe(sample, nfe, sigma_min=sigma_min, sigma_max=sigma_max).to(z.device)
+        except ValueError:
+            continue
+        x = sigma_max * z[:4]
+        with torch.no_grad():
+            outs = [sample(denoiser, x, sigmas, generator=torch.Generator(device=z.device).manual_seed(seed),
+                           **options_for_nfe(sample, nfe)) for seed in (0, 1)]
+        return not torch.equal(*outs)
+    return False
+
+
+def _fit(denoiser, name, sample, nfe, z, reference, cond, sigma_min, sigma_max, iters, batch_size, seed):
+    tic = time.perf_counter()
+    sigmas, info = optimise_schedule(denoiser, sample, nfe, z, sigma_min, sigma_max, reference, cond, iters,
+                                     batch_size=batch_size, seed=seed, return_info=True)
+    return sigmas, {"fit_rmse_before": math.sqrt(info["loss_before"]), "fit_rmse_after": math.sqrt(info["loss_after"]),
+                    "fit_seconds": round(time.perf_counter() - tic, 2), "steps": info["steps"],
+                    "sigmas": " ".join(f"{s:.6g}" for s in sigmas.tolist())}
+
+
+def bench_gmm(dim, components, nfes, solvers, n, opt_n, opt_iters, sigma_min, sigma_max, seed, device, log):
+    """Rows, skipped budgets and the reference summary for one mixture dimension."""
+    from data.mixtures import gaussian_mixture_params
+    from models.analytic import GaussianMixtureDenoiser
+    teacher = GaussianMixtureDenoiser(**gaussian_mixture_params(dim, components, seed=seed)).to(device)
+    where = f"gmm {dim}d K={components}"
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim, generator=generator, dtype=torch.float64).to(device)
+    z_fit = torch.randn(opt_n, dim, generator=generator, dtype=torch.float64).to(device)  # disjoint from z
+    tic = time.perf_counter()
+    states, info = reference_tolerance_check(teacher, sigma_max * z, sigma_max, (sigma_min, 0.0))
+    x_min, x_ref = states
+    floor = rmse(teacher(x_min, torch.full((n,), sigma_min, dtype=torch.float64, device=device)), x_ref)
+    summary = {"data": where, "reference_nfe": info["nfe"], "tolerance_change": info["tolerance_change"],
+               "floor_rmse": floor, "reference_seconds": round(time.perf_counter() - tic, 2)}
+    log(f"{where}: reference {summary}")
+    reference_fit = reference_solution(teacher, sigma_max * z_fit, sigma_max)[0][0] if opt_iters else None
+    rows, skipped = [], []
+    for name, sample in solvers.items():
+        if is_stochastic(sample, teacher, z, nfes, sigma_min, sigma_max):
+            skipped += [{"data": where, "solver": name, "nfe": nfe,
+                         "reason": "stochastic sampler: it does not approximate the ODE map"} for nfe in nfes]
+            continue
+        for nfe in nfes:
+            sigmas = _schedule(name, sample, nfe, sigma_min, sigma_max, skipped, where)
+            if sigmas is None:
+                continue
+            counted, last = CountingDenoiser(teacher), {}
+            x0 = sample(counted, sigma_max * z, sigmas.to(device), callback=lambda step: last.update(x=step["x"]),
+                        **options_for_nfe(sample, nfe))
+            if counted.nfe != nfe:
+                raise ValueError(f"{name} spent {counted.nfe} evaluations for nfe={nfe}")
+            base = {"part": "gmm", "data": where, "solver": name, "nfe": nfe}
+            rows.append({**base, "schedule": "karras", "rmse": rmse(x0, x_ref), "steps": len(sigmas) - 1,
+                         "rmse_at_sigma_min": rmse(last["x"], x_min) if len(sigmas) > 2 else None})
+            if opt_iters:
+                fitted, fit = _fit(teacher, name, sample, nfe, z_fit, reference_fit, None, sigma_min, sigma_max,
+                                   opt_iters, None, seed)
+                x0 = solve_batched(teacher, sample, fitted, z, options=options_for_nfe(sample, nfe), seed=seed)
+                rows.append({**base, "schedule": "optimised", "rmse": rmse(x0, x_ref), **fit})
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()
+                         if k != "sigmas"))
+    return rows, skipped, summary
+
+
+def bench_overhead(solvers, nfe, shape, repeats, device, skipped):
+    """Per solver: its own microseconds per step (total minus the time inside D = 0.5 x) and D's time per call."""
+    rows = []
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    inside = [0.0]
+
+    def trivial(x, sigma, **cond):
+        sync()
+        tic = time.perf_counter()
+        out = 0.5 * x
+        sync()
+        inside[0] += time.perf_counter() - tic
+        return out
+
+    for name, sample in solvers.items():
+        sigmas = _schedule(name, sample, nfe, 0.002, 80.0, skipped, f"overhead {list(shape)}")
+        if sigmas is None:
+            continue
+        options = options_for_nfe(sample, nfe)
+        if _takes_generator(sample):
+            options["generator"] = torch.Generator(device=x.device).manual_seed(0)
+        sigmas = sigmas.to(device)
+        totals, insides = [], []
+        for _ in range(repeats + 1):  # the first run warms up
+            inside[0] = 0.0
+            sync()
+            tic = time.perf_counter()
+            with torch.no_grad():
+                sample(trivial, x * 80.0, sigmas, **options)
+            sync()
+            totals.append(time.perf_counter() - tic)
+            insides.append(inside[0])
+        steps = len(sigmas) - 1
+        own = statistics.median(t - i for t, i in zip(totals[1:], insides[1:]))
+        rows.append({"part": "overhead", "data": f"float32 {list(shape)} on {x.device.type}", "solver": name,
+                     "nfe": nfe, "steps": steps, "overhead_us_per_step": round(1e6 * own / steps, 1),
+                     "denoiser_us_per_call": round(1e6 * statistics.median(insides[1:]) / nfe, 1)})
+    return rows
+
+
+def bench_mnist(run, solvers, nfes, n, opt_n, opt_iters, reference_nfe, seed, device, log, batch_size=500):
+    """FID and RMSE-to-fine-reference rows for a trained MNIST teacher, Karras and fitted schedules."""
+    from metrics import METRICS
+    from runs.eval import default_reference
+    from runs.images import to_uint8
+    from runs.optimise_schedule import load_teacher, noises, teacher_reference
+    denoiser, shape, num_classes, sigma_range, _ = load_teacher(str(run), device)
+    sigma_min, sigma_max = sigma_range.get("sigma_min", 0.002), sigma_range.get("sigma_max", 80.0)
+    real = default_reference()
+    real = real[np.random.default_rng(seed).permutation(len(real))[:n]]  # the subset runs.bench teacher uses
+    fid = METRICS["fid-mnist"]
+    generator = torch.Generator().manual_seed(seed)
+    z, cond = noises(n, shape, num_classes, generator, device)
+    z_fit, cond_fit = noises(opt_n, shape, num_classes, generator, device)
+    x_ref = teacher_reference(denoiser, z, sigma_min, sigma_max, cond, False, reference_nfe, batch_size)
+    coarser = teacher_reference(denoiser, z, sigma_min, sigma_max, cond, False, reference_nfe // 2, batch_size)
+    summary = {"data": "mnist", "reference": f"heun {reference_nfe} NFE karras",
+               "reference_change_at_half_nfe": rmse(coarser, x_ref), "floor_fid_mnist": None}
+    reference_fit = teacher_reference(denoiser, z_fit, sigma_min, sigma_max, cond_fit, False, reference_nfe,
+                                      batch_size) if opt_iters else None
+    rows, skipped = [], []
+    for name, sample in solvers.items():
+        stochastic = is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max)
+        for nfe in nfes:
+            sigmas = _schedule(name, sample, nfe, sigma_min, sigma_max, skipped, "mnist")
+            if sigmas is None:
+                continue
+            schedules = {"karras": (sigmas, {})}
+            if opt_iters and not stochastic:
+                schedules["optimised"] = _fit(denoiser, name, sample, nfe, z_fit, reference_fit, cond_fit,
+                                              sigma_min, sigma_max, opt_iters, batch_size, seed)
+            for schedule, (levels, fit) in schedules.items():
+                x0 = solve_batched(denoiser, sample, levels, z, cond, options_for_nfe(sample, nfe), batch_size, seed)
+                rows.append({"part": "mnist", "data": "mnist", "solver": name, "nfe": nfe, "schedule": schedule,
+                             "fid_mnist": round(fid(to_uint8(x0.cpu()).numpy(), real, device=device), 3),
+                             "rmse": None if stochastic else rmse(x0, x_ref), **fit})
+                log(rows[-1])
+    return rows, skipped, summary
+
+
+def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6, 8, 10, 16, 32), solvers=None,
+                  n=256, seed=0, opt_n=256, opt_iters=300, sigma_min=0.002, sigma_max=80.0, overhead_nfe=10,
+                  overhead_shape=(64, 3, 32, 32), overhead_repeats=5, mnist_run=None, mnist_nfes=(4, 6, 8, 10, 16),
+                  mnist_n=2000, mnist_opt_n=128, mnist_opt_iters=150, mnist_reference_nfe=255, device="cpu",
+                  plot=True, log=print):
+    """Run the benchmark and write <out_prefix>.md, .csv, .json (rows, skipped budgets, references) and .png.
+    opt_iters = 0 skips the fitted schedules; overhead_repeats = 0 skips the overhead timing."""
+    solvers = _solver_dict(solvers)
+    device = torch.device(device)
+    rows, skipped, references = [], [], []
+    for dim in dims:
+        part_rows, part_skipped, summary = bench_gmm(dim, components, nfes, solvers, n, opt_n, opt_iters,
+                                                     sigma_min, sigma_max, seed, device, log)
+        smallest = min((r[k] for r in part_rows for k in ("rmse", "rmse_at_sigma_min") if r.get(k)), default=math.inf)
+        summary["smallest_rmse"] = smallest
+        summary["reference_ok"] = summary["tolerance_change"] < 1e-3 * smallest
+        rows, skipped, references = rows + part_rows, skipped + part_skipped, references + [summary]
+    if overhead_repeats:
+        rows += bench_overhead(solvers, overhead_nfe, overhead_shape, overhead_repeats, device, skipped)
+    if mnist_run is not None:
+        part_rows, part_skipped, summary = bench_mnist(mnist_run, solvers, mnist_nfes, mnist_n, mnist_opt_n,
+                                                       mnist_opt_iters, mnist_reference_nfe, seed, device, log)
+        rows, skipped, references = rows + part_rows, skipped + part_skipped, references + [summary]
+    setup = {"n": n, "opt_n": opt_n, "opt_iters": opt_iters, "components": components, "seed": seed,
+             "sigma_min": sigma_min, "sigma_max": sigma_max, "device": str(device), "torch": torch.__version__,
+             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+    result = {"setup": setup, "references": references, "rows": rows, "skipped": skipped}
+    out = Path(out_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    if plot:
+        plot_errors(rows, out.with_name(out.name + ".png"), references)
+    out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png" if plot else None))
+    return result
+
+
+def _cell(value):
+    return "" if value is None or value == "" else f"{value:.3g}"
+
+
+def _grid(rows, key, schedules, nfes):
+    """Markdown table: one row per solver, one column per NFE, cells 'karras / optimised' values of `key`."""
+    lines = ["| solver | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        cells = []
+        for nfe in nfes:
+            found = {r["schedule"]: r.get(key) for r in rows if r["solver"] == solver and r["nfe"] == nfe}
+            cells.append(" / ".join(_cell(found.get(s)) for s in schedules) if found else "-")
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(result, plot_name):
+    setup, rows = result["setup"], result["rows"]
+    lines = ["# ODE solvers: error to the exact ODE map, fitted schedules, overhead (runs/bench_solvers.py)", "",
+             f"- {setup['n']} evaluation noises; schedules fitted (solvers.optimise, {setup['opt_iters']} loss "
+             f"evaluations per start) on {setup['opt_n']} OTHER noises; sigma {setup['sigma_max']:g} -> "
+             f"{setup['sigma_min']:g} -> 0; {setup['device']} ({setup['machine']}), torch {setup['torch']}", "",
+             "## References", "",
+             "| data | reference | change when the tolerances halve (max abs) | smallest RMSE reported | "
+             "floor: RMSE of x = D(x(sigma_min)) |", "|---|---|---|---|---|"]
+    for ref in result["references"]:
+        if ref["data"] == "mnist":
+            lines.append(f"| mnist | {ref['reference']} | RMSE to half its NFE: "
+                         f"{ref['reference_change_at_half_nfe']:.3g} | | |")
+        else:
+            flag = "" if ref["reference_ok"] else " **(not << smallest error)**"
+            lines.append(f"| {ref['data']} | DOP853, {ref['reference_nfe']} evaluations | "
+                         f"{ref['tolerance_change']:.2g}{flag} | {ref['smallest_rmse']:.3g} | {ref['floor_rmse']:.3g} |")
+    for data in dict.fromkeys(r["data"] for r in rows if r["part"] == "gmm"):
+        part = [r for r in rows if r["data"] == data]
+        nfes = sorted({r["nfe"] for r in part})
+        lines += ["", f"## {data}: RMSE of x0 to the exact map, karras / optimised", ""]
+        lines += _grid(part, "rmse", ("karras", "optimised"), nfes)
+        lines += ["", f"ODE error alone (Karras, state at sigma_min vs exact x(sigma_min)):", ""]
+        lines += _grid(part, "rmse_at_sigma_min", ("karras",), nfes)
+    overhead = [r for r in rows if r["part"] == "overhead"]
+    if overhead:
+        lines += ["", f"## Solver overhead ({overhead[0]['data']}, D = 0.5 x, NFE {overhead[0]['nfe']})", "",
+                  "| solver | steps | own time per step (us) | trivial D per call (us) |", "|---|---|---|---|"]
+        lines += [f"| {r['solver']} | {r['steps']} | {r['overhead_us_per_step']} | {r['denoiser_us_per_call']} |"
+                  for r in overhead]
+    mnist = [r for r in rows if r["part"] == "mnist"]
+    if mnist:
+        nfes = sorted({r["nfe"] for r in mnist})
+        lines += ["", "## MNIST teacher: MNIST-FID, karras / optimised", ""]
+        lines += _grid(mnist, "fid_mnist", ("karras", "optimised"), nfes)
+        lines += ["", "RMSE to the fine reference, karras / optimised:", ""]
+        lines += _grid(mnist, "rmse", ("karras", "optimised"), nfes)
+    if result["skipped"]:
+        lines += ["", "## Skipped", ""]
+        groups = {}
+        for s in result["skipped"]:
+            groups.setdefault((s["solver"], s["data"], s["reason"]), []).append(str(s["nfe"]))
+        lines += [f"- {solver} ({data}) at NFE {', '.join(nfes)}: {reason}"
+                  for (solver, data, reason), nfes in groups.items()]
+    if plot_name:
+        lines += ["", f"![RMSE to the exact map against NFE]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_errors(rows, path, references=()):
+    """Log-log RMSE against NFE, one panel per data set, one colour per solver (solid karras, dashed optimised),
+    the x = D floor dotted grey."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datas = list(dict.fromkeys(r["data"] for r in rows if r["part"] in ("gmm", "mnist") and r.get("rmse")))
+    if not datas:
+        return
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    colours = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(solvers)}
+    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 4.2), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        for solver in solvers:
+            for schedule, style in (("karras", "-o"), ("optimised", "--s")):
+                points = sorted((r["nfe"], r["rmse"]) for r in rows if r["data"] == data and r["solver"] == solver
+                                and r["schedule"] == schedule and r.get("rmse"))
+                if points:
+                    ax.plot(*zip(*points), style, color=colours[solver], markersize=3,
+                            label=f"{solver} ({schedule})")
+        floor = next((r.get("floor_rmse") for r in references if r["data"] == data), None)
+        if floor:
+            ax.axhline(floor, color="grey", linestyle=":", label="floor (x = D at sigma_min)")
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to the reference", title=data)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import argparse
+    from runs.cli import cli_errors, pick_device
+    p = argparse.ArgumentParser(prog="python -m runs.bench_solvers", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/solvers", help="output prefix")
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 3072])
+    p.add_argument("--nfes", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10, 16, 32])
+    p.add_argument("--solvers", nargs="+", help="default: all registered")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--opt-iters", type=int, default=300, help="0: no fitted schedules")
+    p.add_argument("--mnist-run", help="a trained MNIST teacher run for the FID part")
+    p.add_argument("--mnist-n", type=int, default=2000)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    with cli_errors():
+        bench_solvers(args.out, tuple(args.dims), nfes=tuple(args.nfes), solvers=args.solvers, n=args.n,
+                      opt_iters=args.opt_iters, mnist_run=args.mnist_run, mnist_n=args.mnist_n,
+                      device=pick_device(args.device))
+
+
+if __name__ == "__main__":
+    main()
