@@ -20,7 +20,7 @@ x_t = D~ + (sigma_t / sigma_s)(x_s - D~) [+ corrections], so that the first-orde
   It is kept as published, for parity with those libraries.
 - 2M SDE (eta >= 0): with A = 1 - e^-(1+eta)h, x_t = D_i + e^-(1+eta)h (x_s - D_i) + correction
   (midpoint: A (D_i - D_{i-1}) / (2r); heun: (1 - A / ((1+eta) h)) (D_i - D_{i-1}) / r)
-  + sigma_t sqrt(1 - e^-2 eta h) s_noise z, z ~ N(0, I) drawn from `generator` (independent per step, not
+  + sigma_t sqrt(1 - e^-2 eta h) S_noise z, z ~ N(0, I) drawn from `generator` (independent per step, not
   k-diffusion's Brownian tree). eta = 0 performs exactly the 2M operations, so it equals 2M bit for bit.
 Multistep methods: the first step and the step to sigma = 0 are first order (h = inf there); n steps = n NFE.
 """
@@ -106,12 +106,12 @@ def dpmpp_3m_update(x, x0_hat, sigma, sigma_next, history):
     return first_order + phi_2 * d1 - phi_3 * d2
 
 
-def add_sde_noise(x_next, sigma, sigma_next, eta, s_noise, generator):
-    """+ sigma_next sqrt(1 - e^(-2 eta h)) s_noise z; nothing (and no draw) when eta, s_noise or sigma_next is 0."""
-    if eta == 0 or s_noise == 0 or _is_zero(sigma_next):
+def add_sde_noise(x_next, sigma, sigma_next, eta, S_noise, generator):
+    """+ sigma_next sqrt(1 - e^(-2 eta h)) S_noise z; nothing (and no draw) when eta, S_noise or sigma_next is 0."""
+    if eta == 0 or S_noise == 0 or _is_zero(sigma_next):
         return x_next
     noise = torch.randn(x_next.shape, generator=generator, device=x_next.device, dtype=x_next.dtype)
-    scale = sigma_next * (-_expm1(-2 * eta * _log(sigma / sigma_next))) ** 0.5 * s_noise
+    scale = sigma_next * (-_expm1(-2 * eta * _log(sigma / sigma_next))) ** 0.5 * S_noise
     return x_next + scale * noise
 
 
@@ -206,16 +206,16 @@ def dpmpp_3m_step(denoiser, x, sigma, sigma_next, history=(), cond=None):
     return _multistep_step("dpmpp_3m_step", denoiser, x, sigma, sigma_next, history, cond, 2, dpmpp_3m_update)
 
 
-def dpmpp_2m_sde_step(denoiser, x, sigma, sigma_next, history=(), cond=None, eta=1.0, s_noise=1.0,
+def dpmpp_2m_sde_step(denoiser, x, sigma, sigma_next, history=(), cond=None, eta=1.0, S_noise=1.0,
                       solver_type="midpoint", generator=None):
     """One DPM-Solver++(2M) SDE step -> (x_next, x0_hat at sigma); eta = 0 is dpmpp_2m_step."""
     solver = "dpmpp_2m_sde_step"
-    eta, s_noise = _check_nonnegative(eta, "eta", solver), _check_nonnegative(s_noise, "s_noise", solver)
+    eta, S_noise = _check_nonnegative(eta, "eta", solver), _check_nonnegative(S_noise, "S_noise", solver)
     solver_type, generator = _check_solver_type(solver_type, solver), _check_generator(generator, solver)
 
     def update(x, x0_hat, s, target, past):  # samples with a per-sample sigma_next = 0 are replaced by x0_hat
         x_next = dpmpp_2m_update(x, x0_hat, s, target, past, eta, solver_type)
-        return add_sde_noise(x_next, s, target, eta, s_noise, generator)
+        return add_sde_noise(x_next, s, target, eta, S_noise, generator)
 
     return _multistep_step(solver, denoiser, x, sigma, sigma_next, history, cond, 1, update)
 
@@ -257,20 +257,20 @@ def sample_dpmpp_3m(denoiser, x, sigmas, cond=None, callback=None, return_trajec
 
 
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, callback=None, return_trajectory=False, eta=1.0,
-                        s_noise=1.0, solver_type="midpoint", generator=None):
+                        S_noise=1.0, solver_type="midpoint", generator=None):
     """DPM-Solver++(2M) SDE (k-diffusion): stochastic, 1 NFE per step; eta = 0 is DPM-Solver++(2M) exactly.
 
-    eta scales the noise injected per step (1 = the reverse SDE), s_noise multiplies it; generator is a
+    eta scales the noise injected per step (1 = the reverse SDE), S_noise multiplies it; generator is a
     torch.Generator for the per-step Gaussian noise (same seed, same samples). Returns x0, or
     (x0, trajectory) with return_trajectory.
     """
     solver = "dpmpp_2m_sde"
-    eta, s_noise = _check_nonnegative(eta, "eta", solver), _check_nonnegative(s_noise, "s_noise", solver)
+    eta, S_noise = _check_nonnegative(eta, "eta", solver), _check_nonnegative(S_noise, "S_noise", solver)
     solver_type, generator = _check_solver_type(solver_type, solver), _check_generator(generator, solver)
 
     def update(x, x0_hat, sigma, sigma_next, history):
         x_next = dpmpp_2m_update(x, x0_hat, sigma, sigma_next, history, eta, solver_type)
-        return add_sde_noise(x_next, sigma, sigma_next, eta, s_noise, generator)
+        return add_sde_noise(x_next, sigma, sigma_next, eta, S_noise, generator)
 
     return run_multistep(solver, update, 1, denoiser, x, sigmas, cond, callback, return_trajectory)
 

@@ -17,9 +17,9 @@ sigma_{n-1} is free in [sigma_min, sigma_max) - moving it up trades the final x 
 against the ODE steps. a_1 = 0 fixes softmax's shift, leaving n - 1 free numbers.
 
 Search. Powell's derivative-free direction-set method (scipy) on a, minimising log L, started from Karras
-rho = 7 and from log-uniform (logsnr), keeping the better end point. Each start is first scanned over its
-last level (the same schedule ending at 6 higher levels, 1.3 e-folds apart): the loss has separate basins
-there, and a local search from sigma_min alone misses e.g. Heun's good few-step schedules. Derivative-free because the solvers
+rho = 7, from log-uniform (logsnr), and from the best of their copies that end higher (6 levels 1.3
+e-folds apart): the loss has separate basins in the last level, and a local search from sigma_min alone
+misses e.g. Heun's good few-step schedules. The best end point (or start) is kept. Derivative-free because the solvers
 take their levels as python floats (one host sync per solve, see solvers.common.run_sampler), so no
 gradient flows to the schedule; it then works for every registered solver as it is (multistep, stochastic
 ones with a fixed generator, teachers in float32), and a loss evaluation is one solve on the batch.
@@ -132,14 +132,15 @@ def _check(z, sigma_min, sigma_max, reference, iters, min_gap, inits):
 
 
 def optimise_schedule(denoiser, solver, nfe, z, sigma_min=0.002, sigma_max=80.0, reference=None, cond=None,
-                      iters=400, min_gap=0.05, inits=("karras", "logsnr"), batch_size=None, seed=0,
+                      iters=200, min_gap=0.05, inits=("karras", "logsnr"), batch_size=None, seed=0,
                       return_info=False):
     """The schedule (float64 [n + 1], sigma_max first, ending in 0) minimising the solver's MSE at `nfe` to the
     reference x_ref(z); use it with options_for_nfe(solver, nfe) for exactly nfe evaluations.
+    Never worse on z than the best initial schedule (that one is returned when nothing beats it).
 
     z: noises [N, *shape] (x starts at sigma_max z). reference: x_ref [N, *shape], or None to compute it
     with reference_solution (an exact ODE solve; needs a teacher cheap to call hundreds of times). iters:
-    loss evaluations per initialisation for Powell's search. With return_info, returns (sigmas, info) with
+    loss evaluations per start of Powell's search (3 starts, plus 12 + 2 for the scan and the initial ones). With return_info, returns (sigmas, info) with
     the losses of the initial schedules and of the result and the number of evaluations.
     """
     from . import get_solver, options_for_nfe, sigmas_for_nfe
@@ -175,18 +176,15 @@ def optimise_schedule(denoiser, solver, nfe, z, sigma_min=0.002, sigma_max=80.0,
     best, best_loss = starts[best_init], initial[best_init]
     steps = first.numel() - 1
     if steps > 1 and iters > 0:
-        for init in inits:
-            # The loss has separate basins in the last level (a second-order step into a tiny sigma_min blows
-            # up, fact sheet E.5), so the local search starts from the best of the schedule and its copies
-            # ending higher, at sigma_min (sigma_max / sigma_min)^(k / 8), k = 1 .. 6.
-            candidates = [(initial[init], starts[init])]
-            for k in range(1, 7):
-                end = sigma_min * (sigma_max / sigma_min) ** (k / 8)
-                raised = sigmas_for_nfe(sample, nfe, init, sigma_min=end, sigma_max=sigma_max)
-                candidates.append((loss(raised), raised))
-            start_loss, start_sigmas = min(candidates, key=lambda candidate: candidate[0])
-            if start_loss < best_loss:
-                best, best_loss = start_sigmas, start_loss
+        # The loss has separate basins in the last level (a second-order step into a tiny sigma_min blows up,
+        # fact sheet E.5), so the local search also starts from the best copy of the initial schedules that
+        # ends higher, at sigma_min (sigma_max / sigma_min)^(k / 8), k = 1 .. 6.
+        raised = [sigmas_for_nfe(sample, nfe, init, sigma_min=sigma_min * (sigma_max / sigma_min) ** (k / 8),
+                                 sigma_max=sigma_max) for init in inits for k in range(1, 7)]
+        raised_loss, raised_best = min(((loss(sigmas), sigmas) for sigmas in raised), key=lambda pair: pair[0])
+        if raised_loss < best_loss:
+            best, best_loss = raised_best, raised_loss
+        for start_sigmas in [starts[init] for init in inits] + [raised_best]:
             # every share >= 1%: where a schedule puts its last level at sigma_min, the slack logit would
             # otherwise start so low that the loss is flat in it and the line search could not move it
             start = logits_from_schedule(start_sigmas, sigma_min, sigma_max, min_gap, floor=0.01)[1:].numpy()

@@ -144,7 +144,7 @@ def test_sde_drift_is_second_order_for_the_exact_mean(solver_type, eta):
     x, steps, errors = 80.0 * z, [32, 64, 128, 256], []
     exact = mu + ((V + 0.002 ** 2) / (V + 80.0 ** 2)) ** ((1 + eta) / 2) * (x - mu)
     for n in steps:
-        _, trajectory = sample_dpmpp_2m_sde(gaussian_denoiser(mu), x, logsnr(n), eta=eta, s_noise=0.0,
+        _, trajectory = sample_dpmpp_2m_sde(gaussian_denoiser(mu), x, logsnr(n), eta=eta, S_noise=0.0,
                                             solver_type=solver_type, return_trajectory=True)
         errors.append((trajectory[-2] - exact).abs().max().item())
     assert abs(convergence_slope(steps, errors) + 2) < 0.3, errors
@@ -198,7 +198,7 @@ def test_multistep_step_function_replays_the_sampler(sample, step, history_lengt
 
 ALL_STEPS = [(dpm_solver_step, {"order": 1}), (dpm_solver_step, {"order": 2}), (dpm_solver_step, {"order": 3}),
              (dpmpp_2s_step, {}), (dpmpp_2m_step, {}), (dpmpp_2m_step, {"solver_type": "heun"}), (dpmpp_3m_step, {}),
-             (dpmpp_2m_sde_step, {"eta": 0.5, "s_noise": 0.0})]
+             (dpmpp_2m_sde_step, {"eta": 0.5, "S_noise": 0.0})]
 
 
 def _history(step, levels, x):
@@ -264,7 +264,7 @@ def test_state_keeps_dtype_and_denoiser_sees_a_sigma_batch(name, dtype):
     (lambda d, z: sample_dpmpp_2s(d, z, karras(3), r1=True), "dpmpp_2s", "r1"),
     (lambda d, z: sample_dpmpp_2m(d, z, karras(3), solver_type="taylor"), "dpmpp_2m", "midpoint, heun"),
     (lambda d, z: sample_dpmpp_2m_sde(d, z, karras(3), eta=-1.0), "dpmpp_2m_sde", "eta"),
-    (lambda d, z: sample_dpmpp_2m_sde(d, z, karras(3), s_noise=float("nan")), "dpmpp_2m_sde", "s_noise"),
+    (lambda d, z: sample_dpmpp_2m_sde(d, z, karras(3), S_noise=float("nan")), "dpmpp_2m_sde", "S_noise"),
     (lambda d, z: sample_dpmpp_2m_sde(d, z, karras(3), generator=3), "dpmpp_2m_sde", "generator"),
     (lambda d, z: sample_dpmpp_3m(d, z, torch.tensor([3.0, 3.0, 0.0])), "dpmpp_3m", "decreasing"),
     (lambda d, z: sample_dpm_solver_3(d, z, torch.tensor([3.0, 1.0])), "dpm_solver_3", "end in 0"),
