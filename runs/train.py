@@ -124,7 +124,7 @@ def train(config, run_dir, resume=False, teacher=None):
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, elapsed_before = state["step"], state.get("elapsed_sec", 0.0)
-    elif main_process:
+    if main_process:  # on resume too: train.* may have changed
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
 
