@@ -1,13 +1,17 @@
-"""Benchmarks that write their measured results to files: python -m runs.bench teacher RUN [--n 2000]
+"""Benchmarks that write their measured results to files: python -m runs.bench {teacher,solvers} ...
 
 teacher  sample a trained image teacher with several solvers and NFE, score each with MNIST-FID against n real
          digits (the same seeded subset the real-data floor uses), measure images per second, and write
          <out>.md, <out>.csv, <out>.json and <out>_grid.png (Heun at the highest NFE).
+solvers  every registered solver against the exact ODE map of the analytic Gaussian mixture (and, with
+         --mnist-run, MNIST-FID of a trained teacher) at a range of NFE, Karras vs optimised schedules, and
+         each solver's own per-step overhead: see runs/bench_solvers.py.
 """
 import argparse
 import csv
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from metrics import METRICS
+from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
 from runs.cli import cli_errors, pick_device
 from runs.eval import default_reference
@@ -32,6 +37,14 @@ def training_summary(run_dir):
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     last = records[-1] if records else {}
     return {"steps": last.get("step"), "train_seconds": last.get("elapsed_sec")}
+
+
+def class_rows(samples, labels, per_class=10):
+    """Up to `per_class` samples of each class, one row per class (the first 100 samples when unconditional)."""
+    if labels is None:
+        return samples[:per_class * per_class]
+    rows = [samples[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
+    return torch.cat([torch.cat([r, torch.zeros_like(samples[:per_class - len(r)]) - 1]) for r in rows])
 
 
 def bench_teacher(run, n, out, device, seed=0):
@@ -52,8 +65,7 @@ def bench_teacher(run, n, out, device, seed=0):
                      "images_per_sec": round(rate, 1), "seconds": round(time.time() - tic, 1)})
         print(rows[-1], flush=True)
         if grid is None:
-            order_by_class = torch.argsort(labels[:200], stable=True) if labels is not None else torch.arange(100)
-            grid = samples[order_by_class[:100]]
+            grid = class_rows(samples, labels)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, out.with_name(out.name + "_grid.png"), nrow=10)
@@ -84,18 +96,29 @@ def teacher_markdown(summary, out):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.bench", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="bench", required=True)
-    teacher = sub.add_parser("teacher", help="FID and speed of a trained MNIST teacher across solvers and NFE")
-    teacher.add_argument("run")
-    teacher.add_argument("--n", type=int, default=2000)
-    teacher.add_argument("--out", default="bench/mnist_teacher")
-    teacher.add_argument("--device", default="auto")
+def teacher_main(argv):
+    p = argparse.ArgumentParser(prog="python -m runs.bench teacher", description="FID and speed of a trained "
+                                "MNIST teacher across solvers and NFE")
+    p.add_argument("run")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--out", default="bench/mnist_teacher")
+    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     with cli_errors():
         summary = bench_teacher(args.run, args.n, args.out, pick_device(args.device))
         print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+
+
+BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: python -m runs.bench {{{','.join(BENCHES)}}} ...  (-h after a name for its options)",
+              file=sys.stderr)
+        sys.exit(2)
+    BENCHES[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

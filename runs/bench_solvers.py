@@ -56,7 +56,7 @@ def _schedule(name, sample, nfe, sigma_min, sigma_max, skipped, where):
         return None
 
 
-def is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max):
+def is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max, cond=None):
     """Whether the sampler's output depends on its generator's seed (DDIM at eta = 0 takes one and does not)."""
     if not _takes_generator(sample):
         return False
@@ -65,10 +65,10 @@ def is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max):
             sigmas = sigmas_for_nfe(sample, nfe, sigma_min=sigma_min, sigma_max=sigma_max).to(z.device)
         except ValueError:
             continue
-        x = sigma_max * z[:4]
+        x, part = sigma_max * z[:4], {k: v[:4] for k, v in (cond or {}).items()} or None
         with torch.no_grad():
-            outs = [sample(denoiser, x, sigmas, generator=torch.Generator(device=z.device).manual_seed(seed),
-                           **options_for_nfe(sample, nfe)) for seed in (0, 1)]
+            outs = [sample(denoiser, x, sigmas, cond=part, **options_for_nfe(sample, nfe),
+                           generator=torch.Generator(device=z.device).manual_seed(seed)) for seed in (0, 1)]
         return not torch.equal(*outs)
     return False
 
@@ -128,18 +128,21 @@ def bench_gmm(dim, components, nfes, solvers, n, opt_n, opt_iters, sigma_min, si
 
 
 def bench_overhead(solvers, nfe, shape, repeats, device, skipped):
-    """Per solver: its own microseconds per step (total minus the time inside D = 0.5 x) and D's time per call."""
+    """Per solver: its own microseconds per step (total minus the time inside D = 0.5 x) and D's time per call.
+    On a GPU wall-clock time (synchronised); on a CPU this process's CPU time, which a busy machine does not
+    inflate."""
     rows = []
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    cuda = x.device.type == "cuda"
+    sync, clock = (torch.cuda.synchronize, time.perf_counter) if cuda else ((lambda: None), time.process_time)
     inside = [0.0]
 
     def trivial(x, sigma, **cond):
         sync()
-        tic = time.perf_counter()
+        tic = clock()
         out = 0.5 * x
         sync()
-        inside[0] += time.perf_counter() - tic
+        inside[0] += clock() - tic
         return out
 
     for name, sample in solvers.items():
@@ -154,15 +157,16 @@ def bench_overhead(solvers, nfe, shape, repeats, device, skipped):
         for _ in range(repeats + 1):  # the first run warms up
             inside[0] = 0.0
             sync()
-            tic = time.perf_counter()
+            tic = clock()
             with torch.no_grad():
                 sample(trivial, x * 80.0, sigmas, **options)
             sync()
-            totals.append(time.perf_counter() - tic)
+            totals.append(clock() - tic)
             insides.append(inside[0])
         steps = len(sigmas) - 1
         own = statistics.median(t - i for t, i in zip(totals[1:], insides[1:]))
-        rows.append({"part": "overhead", "data": f"float32 {list(shape)} on {x.device.type}", "solver": name,
+        rows.append({"part": "overhead", "data": f"float32 {list(shape)}, {'GPU wall' if cuda else 'CPU'} time",
+                     "solver": name,
                      "nfe": nfe, "steps": steps, "overhead_us_per_step": round(1e6 * own / steps, 1),
                      "denoiser_us_per_call": round(1e6 * statistics.median(insides[1:]) / nfe, 1)})
     return rows
@@ -176,21 +180,23 @@ def bench_mnist(run, solvers, nfes, n, opt_n, opt_iters, reference_nfe, seed, de
     from runs.optimise_schedule import load_teacher, noises, teacher_reference
     denoiser, shape, num_classes, sigma_range, _ = load_teacher(str(run), device)
     sigma_min, sigma_max = sigma_range.get("sigma_min", 0.002), sigma_range.get("sigma_max", 80.0)
-    real = default_reference()
-    real = real[np.random.default_rng(seed).permutation(len(real))[:n]]  # the subset runs.bench teacher uses
+    digits = default_reference()
+    order = np.random.default_rng(seed).permutation(len(digits))
+    real = digits[order[:n]]  # the subset runs.bench teacher scores against
     fid = METRICS["fid-mnist"]
+    floor = round(fid(digits[order[n:2 * n]], real, device=device), 3) if 2 * n <= len(digits) else None
     generator = torch.Generator().manual_seed(seed)
     z, cond = noises(n, shape, num_classes, generator, device)
     z_fit, cond_fit = noises(opt_n, shape, num_classes, generator, device)
     x_ref = teacher_reference(denoiser, z, sigma_min, sigma_max, cond, False, reference_nfe, batch_size)
     coarser = teacher_reference(denoiser, z, sigma_min, sigma_max, cond, False, reference_nfe // 2, batch_size)
-    summary = {"data": "mnist", "reference": f"heun {reference_nfe} NFE karras",
-               "reference_change_at_half_nfe": rmse(coarser, x_ref), "floor_fid_mnist": None}
+    summary = {"data": "mnist", "n": n, "reference": f"heun {reference_nfe} NFE karras",
+               "reference_change_at_half_nfe": rmse(coarser, x_ref), "floor_fid_mnist": floor}
     reference_fit = teacher_reference(denoiser, z_fit, sigma_min, sigma_max, cond_fit, False, reference_nfe,
                                       batch_size) if opt_iters else None
     rows, skipped = [], []
     for name, sample in solvers.items():
-        stochastic = is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max)
+        stochastic = is_stochastic(sample, denoiser, z, nfes, sigma_min, sigma_max, cond)
         for nfe in nfes:
             sigmas = _schedule(name, sample, nfe, sigma_min, sigma_max, skipped, "mnist")
             if sigmas is None:
@@ -209,17 +215,19 @@ def bench_mnist(run, solvers, nfes, n, opt_n, opt_iters, reference_nfe, seed, de
 
 
 def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6, 8, 10, 16, 32), solvers=None,
-                  n=256, seed=0, opt_n=256, opt_iters=300, sigma_min=0.002, sigma_max=80.0, overhead_nfe=10,
+                  n=256, seed=0, opt_n=256, opt_iters=300, opt_dims=None, sigma_min=0.002, sigma_max=80.0, overhead_nfe=10,
                   overhead_shape=(64, 3, 32, 32), overhead_repeats=5, mnist_run=None, mnist_nfes=(4, 6, 8, 10, 16),
                   mnist_n=2000, mnist_opt_n=128, mnist_opt_iters=150, mnist_reference_nfe=255, device="cpu",
                   plot=True, log=print):
     """Run the benchmark and write <out_prefix>.md, .csv, .json (rows, skipped budgets, references) and .png.
-    opt_iters = 0 skips the fitted schedules; overhead_repeats = 0 skips the overhead timing."""
+    opt_iters = 0 skips the fitted schedules, opt_dims (default all) limits them to some dims (a fit costs
+    about 3 opt_iters + 14 solves); overhead_repeats = 0 skips the overhead timing."""
     solvers = _solver_dict(solvers)
     device = torch.device(device)
     rows, skipped, references = [], [], []
     for dim in dims:
-        part_rows, part_skipped, summary = bench_gmm(dim, components, nfes, solvers, n, opt_n, opt_iters,
+        iters = opt_iters if opt_dims is None or dim in opt_dims else 0
+        part_rows, part_skipped, summary = bench_gmm(dim, components, nfes, solvers, n, opt_n, iters,
                                                      sigma_min, sigma_max, seed, device, log)
         smallest = min((r[k] for r in part_rows for k in ("rmse", "rmse_at_sigma_min") if r.get(k)), default=math.inf)
         summary["smallest_rmse"] = smallest
@@ -231,7 +239,8 @@ def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6
         part_rows, part_skipped, summary = bench_mnist(mnist_run, solvers, mnist_nfes, mnist_n, mnist_opt_n,
                                                        mnist_opt_iters, mnist_reference_nfe, seed, device, log)
         rows, skipped, references = rows + part_rows, skipped + part_skipped, references + [summary]
-    setup = {"n": n, "opt_n": opt_n, "opt_iters": opt_iters, "components": components, "seed": seed,
+    setup = {"n": n, "opt_n": opt_n, "opt_iters": opt_iters, "opt_dims": list(opt_dims or dims),
+             "components": components, "seed": seed,
              "sigma_min": sigma_min, "sigma_max": sigma_max, "device": str(device), "torch": torch.__version__,
              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
     result = {"setup": setup, "references": references, "rows": rows, "skipped": skipped}
@@ -249,7 +258,7 @@ def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6
 
 
 def _cell(value):
-    return "" if value is None or value == "" else f"{value:.3g}"
+    return "-" if value is None or value == "" else f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 def _grid(rows, key, schedules, nfes):
@@ -276,17 +285,19 @@ def markdown(result, plot_name):
     for ref in result["references"]:
         if ref["data"] == "mnist":
             lines.append(f"| mnist | {ref['reference']} | RMSE to half its NFE: "
-                         f"{ref['reference_change_at_half_nfe']:.3g} | | |")
+                         f"{ref['reference_change_at_half_nfe']:.3g} | | MNIST-FID of {ref['n']} real digits "
+                         f"against others: {ref['floor_fid_mnist']} |")
         else:
             flag = "" if ref["reference_ok"] else " **(not << smallest error)**"
             lines.append(f"| {ref['data']} | DOP853, {ref['reference_nfe']} evaluations | "
-                         f"{ref['tolerance_change']:.2g}{flag} | {ref['smallest_rmse']:.3g} | {ref['floor_rmse']:.3g} |")
+                         f"{ref['tolerance_change']:.2g}{flag} | {ref['smallest_rmse']:.3g} | "
+                         f"{ref['floor_rmse']:.3g} |")
     for data in dict.fromkeys(r["data"] for r in rows if r["part"] == "gmm"):
         part = [r for r in rows if r["data"] == data]
         nfes = sorted({r["nfe"] for r in part})
         lines += ["", f"## {data}: RMSE of x0 to the exact map, karras / optimised", ""]
         lines += _grid(part, "rmse", ("karras", "optimised"), nfes)
-        lines += ["", f"ODE error alone (Karras, state at sigma_min vs exact x(sigma_min)):", ""]
+        lines += ["", "ODE error alone (Karras, state at sigma_min vs exact x(sigma_min)):", ""]
         lines += _grid(part, "rmse_at_sigma_min", ("karras",), nfes)
     overhead = [r for r in rows if r["part"] == "overhead"]
     if overhead:
@@ -322,24 +333,30 @@ def plot_errors(rows, path, references=()):
     datas = list(dict.fromkeys(r["data"] for r in rows if r["part"] in ("gmm", "mnist") and r.get("rmse")))
     if not datas:
         return
-    solvers = list(dict.fromkeys(r["solver"] for r in rows))
-    colours = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(solvers)}
-    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 4.2), squeeze=False)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["data"] in datas and r.get("rmse")))
+    colours = {s: plt.get_cmap("tab10" if len(solvers) <= 10 else "tab20")(i % 20) for i, s in enumerate(solvers)}
+    markers = "osD^v<>pP*Xh"
+    fig, axes = plt.subplots(1, len(datas), figsize=(4.6 * len(datas) + 1.8, 4.2), squeeze=False)
     for ax, data in zip(axes[0], datas):
-        for solver in solvers:
-            for schedule, style in (("karras", "-o"), ("optimised", "--s")):
+        for i, solver in enumerate(solvers):
+            for schedule, line in (("karras", "-"), ("optimised", "--")):
                 points = sorted((r["nfe"], r["rmse"]) for r in rows if r["data"] == data and r["solver"] == solver
                                 and r["schedule"] == schedule and r.get("rmse"))
                 if points:
-                    ax.plot(*zip(*points), style, color=colours[solver], markersize=3,
-                            label=f"{solver} ({schedule})")
+                    ax.plot(*zip(*points), line, marker=markers[i % len(markers)], color=colours[solver],
+                            markersize=3, linewidth=1, label=solver if schedule == "karras" else None)
         floor = next((r.get("floor_rmse") for r in references if r["data"] == data), None)
         if floor:
-            ax.axhline(floor, color="grey", linestyle=":", label="floor (x = D at sigma_min)")
-        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to the reference", title=data)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+            ax.axhline(floor, color="grey", linestyle=":", label="floor: x = D at sigma_min")
+        nfes = sorted({r["nfe"] for r in rows if r["data"] == data})
+        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to the reference",
+               title=f"{data} (solid karras, dashed optimised)")
+        ax.set_xticks(nfes, [str(nfe) for nfe in nfes])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -354,13 +371,14 @@ def main(argv=None):
     p.add_argument("--solvers", nargs="+", help="default: all registered")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--opt-iters", type=int, default=300, help="0: no fitted schedules")
+    p.add_argument("--opt-dims", type=int, nargs="+", help="dims to fit schedules for (default: all)")
     p.add_argument("--mnist-run", help="a trained MNIST teacher run for the FID part")
     p.add_argument("--mnist-n", type=int, default=2000)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     with cli_errors():
         bench_solvers(args.out, tuple(args.dims), nfes=tuple(args.nfes), solvers=args.solvers, n=args.n,
-                      opt_iters=args.opt_iters, mnist_run=args.mnist_run, mnist_n=args.mnist_n,
+                      opt_iters=args.opt_iters, opt_dims=args.opt_dims, mnist_run=args.mnist_run, mnist_n=args.mnist_n,
                       device=pick_device(args.device))
 
 

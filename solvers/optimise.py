@@ -19,10 +19,11 @@ against the ODE steps. a_1 = 0 fixes softmax's shift, leaving n - 1 free numbers
 Search. Powell's derivative-free direction-set method (scipy) on a, minimising log L, started from Karras
 rho = 7, from log-uniform (logsnr), and from the best of their copies that end higher (6 levels 1.3
 e-folds apart): the loss has separate basins in the last level, and a local search from sigma_min alone
-misses e.g. Heun's good few-step schedules. The best end point (or start) is kept. Derivative-free because the solvers
-take their levels as python floats (one host sync per solve, see solvers.common.run_sampler), so no
-gradient flows to the schedule; it then works for every registered solver as it is (multistep, stochastic
-ones with a fixed generator, teachers in float32), and a loss evaluation is one solve on the batch.
+misses e.g. Heun's good few-step schedules. The best end point (or start) is kept. Derivative-free
+because the solvers take their levels as python floats (one host sync per solve, see
+solvers.common.run_sampler), so no gradient flows to the schedule; it then works for every registered
+solver as it is (multistep, stochastic ones with a fixed generator, teachers in float32), and a loss
+evaluation is one solve on the batch.
 
 Files. save_schedule writes one sigma per line (repr, so the numbers round-trip exactly) after '#'
 comment lines, the metadata as one JSON object on a "# meta: " line: solvers.schedules.from_file reads it
@@ -140,8 +141,9 @@ def optimise_schedule(denoiser, solver, nfe, z, sigma_min=0.002, sigma_max=80.0,
 
     z: noises [N, *shape] (x starts at sigma_max z). reference: x_ref [N, *shape], or None to compute it
     with reference_solution (an exact ODE solve; needs a teacher cheap to call hundreds of times). iters:
-    loss evaluations per start of Powell's search (3 starts, plus 12 + 2 for the scan and the initial ones). With return_info, returns (sigmas, info) with
-    the losses of the initial schedules and of the result and the number of evaluations.
+    loss evaluations per start of Powell's search (3 starts; 14 more evaluations for the initial schedules
+    and the scan). With return_info, returns (sigmas, info) with the losses of the initial schedules and of
+    the result and the number of evaluations.
     """
     from . import get_solver, options_for_nfe, sigmas_for_nfe
     sample = get_solver(solver)
@@ -165,11 +167,17 @@ def optimise_schedule(denoiser, solver, nfe, z, sigma_min=0.002, sigma_max=80.0,
     def loss(sigmas):
         nonlocal evaluations
         evaluations += 1
-        return schedule_mse(denoiser, sample, sigmas, z, reference, cond, options, batch_size, seed)
+        try:
+            value = schedule_mse(denoiser, sample, sigmas, z, reference, cond, options, batch_size, seed)
+        except ValueError as error:  # a schedule on which the solver overflows is just a bad schedule
+            if "non-finite" not in str(error):
+                raise
+            return math.inf
+        return value if math.isfinite(value) else math.inf
 
-    def objective(free):
+    def objective(free):  # log L, with a large finite penalty where the solver overflows (keeps Brent sane)
         value = loss(schedule_from_logits(np.concatenate([[0.0], free]), sigma_min, sigma_max, min_gap))
-        return math.log(value) if value > 0 else -math.inf
+        return math.log(max(value, 1e-300)) if math.isfinite(value) else 1e3
 
     initial = {init: loss(sigmas) for init, sigmas in starts.items()}
     best_init = min(initial, key=initial.get)
