@@ -152,7 +152,7 @@ def test_loop_options_run_and_checkpoint_plain_weights(tmp_path, setting):
 
 def test_distributed_data_parallel_on_cpu(tmp_path, run_cli):
     """torchrun with 2 processes (gloo): both ranks train on their half of each batch; rank 0 checkpoints."""
-    result = run_cli("torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "runs.train",
+    result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "runs.train",
                      *TOY, "train.steps=3", "--out", tmp_path / "ddp", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     state = load_checkpoint(tmp_path / "ddp")
