@@ -3,7 +3,6 @@
 Same backbone contract as the U-Net: forward(x [B, D], noise_labels [B], class_labels=None) -> [B, D]; it knows
 nothing of sigma. The noise label is embedded as in DDPM++ (sinusoidal, then a 2-layer MLP) and added to each block.
 """
-import torch
 from torch import nn
 from torch.nn import functional as F
 

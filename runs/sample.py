@@ -44,7 +44,7 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
         if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
             options["generator"] = torch.Generator(device).manual_seed(seed + 1)
         counted = CountingDenoiser(denoiser)
-    out, calls, elapsed = [], 0, 0.0
+    out, elapsed = [], 0.0
     for start in range(0, n, batch):
         z = torch.randn([min(batch, n - start), *dataset.shape], generator=generator).to(device)
         cond = {"class_labels": labels[start:start + len(z)].to(device)} if conditional else None

@@ -134,6 +134,21 @@ class CountingDenoiser:
         self.nfe = 0
 
 
+def one_nfe_per_step(sample, name):
+    """Attach the NFE budget of a solver that spends one evaluation per step: n steps for n NFE, no options."""
+    def steps_for_nfe(nfe):
+        """One evaluation per step: n steps for n NFE."""
+        return check_nfe(nfe, name)
+
+    def options_for_nfe(nfe):
+        check_nfe(nfe, name)
+        return {}
+
+    sample.steps_for_nfe = steps_for_nfe
+    sample.options_for_nfe = options_for_nfe
+    return sample
+
+
 def check_nfe(nfe, solver):
     """An NFE budget must be an integer >= 1."""
     if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:

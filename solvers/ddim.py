@@ -18,7 +18,7 @@ Schedule. DDIM's own grid is uniform in VP time t (its "uniform" skip over the D
 solvers.schedules.uniform_t(n) (t from 1 to 1e-3, sigma 152 -> 0.0105; sigma_min/sigma_max refit the ends),
 e.g. sigmas_for_nfe("ddim", nfe, schedule="uniform_t"). Any other decreasing grid works as well.
 """
-from .common import check_cond, check_nfe, run_sampler
+from .common import check_cond, one_nfe_per_step, run_sampler
 from .euler import euler_update
 from .stochastic import ancestral_one_step, ancestral_update, check_generator, check_real
 
@@ -52,15 +52,4 @@ def sample_ddim(denoiser, x, sigmas, cond=None, callback=None, return_trajectory
     return run_sampler("ddim", step, x, sigmas, callback, return_trajectory)
 
 
-def _steps_for_nfe(nfe):
-    """One evaluation per step: n steps for n NFE."""
-    return check_nfe(nfe, "ddim")
-
-
-def _options_for_nfe(nfe):
-    check_nfe(nfe, "ddim")
-    return {}
-
-
-sample_ddim.steps_for_nfe = _steps_for_nfe
-sample_ddim.options_for_nfe = _options_for_nfe
+one_nfe_per_step(sample_ddim, "ddim")

@@ -29,7 +29,7 @@ import numbers
 
 import torch
 
-from .common import call_denoiser, check_cond, check_nfe, check_state, run_sampler, step_level
+from .common import call_denoiser, check_cond, one_nfe_per_step, check_state, run_sampler, step_level
 from .dpm_solver import (check_fraction, fast_orders, finish_singlestep, run_singlestep, singlestep_levels,
                          stage_fractions, stages_at)
 
@@ -275,20 +275,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, callback=None, return_tr
     return run_multistep(solver, update, 1, denoiser, x, sigmas, cond, callback, return_trajectory)
 
 
-def _attach_nfe_budget(sample, name, orders_for_nfe=None):
-    if orders_for_nfe is None:  # multistep: one evaluation per step, n steps for n NFE
-        def options_for_nfe(nfe):
-            check_nfe(nfe, name)
-            return {}
-
-        sample.steps_for_nfe = lambda nfe: check_nfe(nfe, name)
-        sample.options_for_nfe = options_for_nfe
-    else:
-        sample.steps_for_nfe = lambda nfe: len(orders_for_nfe(nfe))
-        sample.options_for_nfe = lambda nfe: {"orders": orders_for_nfe(nfe)}
-
-
-_attach_nfe_budget(sample_dpmpp_2s, "dpmpp_2s", lambda nfe: fast_orders(nfe, 2, "dpmpp_2s"))
-_attach_nfe_budget(sample_dpmpp_2m, "dpmpp_2m")
-_attach_nfe_budget(sample_dpmpp_3m, "dpmpp_3m")
-_attach_nfe_budget(sample_dpmpp_2m_sde, "dpmpp_2m_sde")
+sample_dpmpp_2s.steps_for_nfe = lambda nfe: len(fast_orders(nfe, 2, "dpmpp_2s"))
+sample_dpmpp_2s.options_for_nfe = lambda nfe: {"orders": fast_orders(nfe, 2, "dpmpp_2s")}
+one_nfe_per_step(sample_dpmpp_2m, "dpmpp_2m")  # multistep: one evaluation per step
+one_nfe_per_step(sample_dpmpp_3m, "dpmpp_3m")
+one_nfe_per_step(sample_dpmpp_2m_sde, "dpmpp_2m_sde")

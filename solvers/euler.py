@@ -6,7 +6,7 @@ without its second-order correction). First order; one denoiser evaluation per s
 """
 import torch
 
-from .common import call_denoiser, check_cond, check_nfe, check_state, run_sampler, step_level
+from .common import call_denoiser, check_cond, check_state, one_nfe_per_step, run_sampler, step_level
 
 
 def euler_update(denoiser, x, sigma, sigma_next, sigma_batch, cond, solver):
@@ -45,15 +45,4 @@ def sample_euler(denoiser, x, sigmas, cond=None, callback=None, return_trajector
     return run_sampler("euler", step, x, sigmas, callback, return_trajectory)
 
 
-def _steps_for_nfe(nfe):
-    """Euler spends one evaluation per step: n steps for n NFE."""
-    return check_nfe(nfe, "euler")
-
-
-def _options_for_nfe(nfe):
-    check_nfe(nfe, "euler")
-    return {}
-
-
-sample_euler.steps_for_nfe = _steps_for_nfe
-sample_euler.options_for_nfe = _options_for_nfe
+one_nfe_per_step(sample_euler, "euler")

@@ -30,7 +30,7 @@ import torch
 
 from models.noise import VP_BETA_D, VP_BETA_MIN, vp_sigma, vp_t
 
-from .common import call_denoiser, check_cond, check_nfe, check_sigmas, check_state, run_sampler, step_level
+from .common import call_denoiser, check_cond, one_nfe_per_step, check_sigmas, check_state, run_sampler, step_level
 
 MAX_ORDER = 4
 _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(4)  # exact up to degree 7
@@ -203,19 +203,6 @@ def sample_deis(denoiser, x, sigmas, cond=None, callback=None, return_trajectory
     return _sample_adams("deis", denoiser, x, sigmas, cond, callback, return_trajectory, order)
 
 
-def _attach_nfe(sample, name):
-    def steps_for_nfe(nfe):
-        """One evaluation per step at every order: n steps for n NFE."""
-        return check_nfe(nfe, name)
-
-    def options_for_nfe(nfe):
-        check_nfe(nfe, name)
-        return {}
-
-    sample.steps_for_nfe = steps_for_nfe
-    sample.options_for_nfe = options_for_nfe
-
-
-_attach_nfe(sample_lms, "lms")
-_attach_nfe(sample_ipndm, "ipndm")
-_attach_nfe(sample_deis, "deis")
+one_nfe_per_step(sample_lms, "lms")
+one_nfe_per_step(sample_ipndm, "ipndm")
+one_nfe_per_step(sample_deis, "deis")

@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from .common import check_cond, check_nfe, check_sigmas, check_state, run_sampler, sigma_dtype, step_level
+from .common import check_cond, check_nfe, one_nfe_per_step, check_sigmas, check_state, run_sampler, sigma_dtype, step_level
 from .euler import euler_update
 from .heun import heun_update, sample_heun
 
@@ -125,18 +125,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, cond=None, callback=None, return
     return run_sampler(solver, step, x, sigmas, callback, return_trajectory)
 
 
-def _ancestral_steps_for_nfe(nfe):
-    """One evaluation per step: n steps for n NFE."""
-    return check_nfe(nfe, "euler_ancestral")
-
-
-def _ancestral_options_for_nfe(nfe):
-    check_nfe(nfe, "euler_ancestral")
-    return {}
-
-
-sample_euler_ancestral.steps_for_nfe = _ancestral_steps_for_nfe
-sample_euler_ancestral.options_for_nfe = _ancestral_options_for_nfe
+one_nfe_per_step(sample_euler_ancestral, "euler_ancestral")
 
 
 # ---------------------------------------------------------------- EDM stochastic (Algorithm 2)

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .common import call_denoiser, check_cond, check_nfe, check_sigmas, check_state, run_sampler, step_level
+from .common import call_denoiser, check_cond, one_nfe_per_step, check_sigmas, check_state, run_sampler, step_level
 from .multistep import check_level, check_order
 
 VARIANTS = ("bh1", "bh2")
@@ -202,19 +202,7 @@ def sample_unipc_bh2(denoiser, x, sigmas, cond=None, callback=None, return_traje
                         corrector)
 
 
-def _attach_nfe(sample, name):
-    def steps_for_nfe(nfe):
-        """One evaluation per step (the corrector reuses the next step's evaluation): n steps for n NFE."""
-        return check_nfe(nfe, name)
-
-    def options_for_nfe(nfe):
-        check_nfe(nfe, name)
-        return {}
-
-    sample.steps_for_nfe = steps_for_nfe
-    sample.options_for_nfe = options_for_nfe
-
-
-_attach_nfe(sample_unipc, "unipc")
-_attach_nfe(sample_unipc_bh1, "unipc_bh1")
-_attach_nfe(sample_unipc_bh2, "unipc_bh2")
+# one evaluation per step: the corrector reuses the next step's evaluation
+one_nfe_per_step(sample_unipc, "unipc")
+one_nfe_per_step(sample_unipc_bh1, "unipc_bh1")
+one_nfe_per_step(sample_unipc_bh2, "unipc_bh2")

@@ -30,6 +30,7 @@ def tiny_run(tmp_path_factory):
 def test_preset_run_writes_everything(tiny_run):
     assert (tiny_run / "config.yaml").is_file() and (tiny_run / "checkpoint.pt").is_file()
     assert (tiny_run / "metrics.jsonl").read_text().count("\n") == 1
+    assert any((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
     grid = Image.open(tiny_run / "samples" / "step_0000002.png")
     assert grid.size == (56, 56)  # 2 x 2 digits of 28 x 28
 

@@ -1,6 +1,5 @@
 """Denoising score matching: each variant's loss is its paper's target MSE, the sigma samplers follow their laws,
 and a few hundred steps of training on a Gaussian approach the exact denoiser."""
-import math
 
 import pytest
 import torch
