@@ -366,7 +366,7 @@ def main(argv=None):
     from runs.cli import cli_errors, pick_device
     p = argparse.ArgumentParser(prog="python -m runs.bench_solvers", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/solvers", help="output prefix")
-    p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 3072])
+    p.add_argument("--dims", type=int, nargs="*", default=[2, 64, 3072], help="mixture dims (none: skip them)")
     p.add_argument("--nfes", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10, 16, 32])
     p.add_argument("--solvers", nargs="+", help="default: all registered")
     p.add_argument("--n", type=int, default=256)
@@ -374,11 +374,17 @@ def main(argv=None):
     p.add_argument("--opt-dims", type=int, nargs="+", help="dims to fit schedules for (default: all)")
     p.add_argument("--mnist-run", help="a trained MNIST teacher run for the FID part")
     p.add_argument("--mnist-n", type=int, default=2000)
+    p.add_argument("--mnist-nfes", type=int, nargs="+", default=[4, 6, 8, 10, 16])
+    p.add_argument("--mnist-opt-n", type=int, default=128, help="noises the MNIST schedules are fitted on")
+    p.add_argument("--mnist-opt-iters", type=int, default=150, help="0: Karras only on MNIST")
+    p.add_argument("--mnist-reference-nfe", type=int, default=255, help="Heun NFE of the MNIST reference solution")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     with cli_errors():
         bench_solvers(args.out, tuple(args.dims), nfes=tuple(args.nfes), solvers=args.solvers, n=args.n,
                       opt_iters=args.opt_iters, opt_dims=args.opt_dims, mnist_run=args.mnist_run, mnist_n=args.mnist_n,
+                      mnist_nfes=tuple(args.mnist_nfes), mnist_opt_n=args.mnist_opt_n,
+                      mnist_opt_iters=args.mnist_opt_iters, mnist_reference_nfe=args.mnist_reference_nfe,
                       device=pick_device(args.device))
 
 
