@@ -32,7 +32,8 @@ from solvers.optimise import _takes_generator, optimise_schedule, solve_batched
 from solvers.reference import reference_solution, reference_tolerance_check
 
 FIELDS = ["part", "data", "solver", "nfe", "schedule", "rmse", "rmse_at_sigma_min", "fid_mnist", "fit_rmse_before",
-          "fit_rmse_after", "fit_seconds", "overhead_us_per_step", "denoiser_us_per_call", "steps", "sigmas"]
+          "fit_rmse_after", "fit_seconds", "overhead_us_per_step", "denoiser_us_per_call", "tiny_unet_us_per_call",
+          "steps", "sigmas"]
 
 
 def rmse(a, b):
@@ -145,6 +146,7 @@ def bench_overhead(solvers, nfe, shape, repeats, device, skipped):
         inside[0] += clock() - tic
         return out
 
+    tiny_us = tiny_unet_us_per_call(x, repeats, sync, clock)
     for name, sample in solvers.items():
         sigmas = _schedule(name, sample, nfe, 0.002, 80.0, skipped, f"overhead {list(shape)}")
         if sigmas is None:
@@ -168,8 +170,27 @@ def bench_overhead(solvers, nfe, shape, repeats, device, skipped):
         rows.append({"part": "overhead", "data": f"float32 {list(shape)}, {'GPU wall' if cuda else 'CPU'} time",
                      "solver": name,
                      "nfe": nfe, "steps": steps, "overhead_us_per_step": round(1e6 * own / steps, 1),
-                     "denoiser_us_per_call": round(1e6 * statistics.median(insides[1:]) / nfe, 1)})
+                     "denoiser_us_per_call": round(1e6 * statistics.median(insides[1:]) / nfe, 1),
+                     "tiny_unet_us_per_call": tiny_us})
     return rows
+
+
+def tiny_unet_us_per_call(x, repeats, sync, clock):
+    """Microseconds of one call of a deliberately tiny real denoiser on x: a 1-level-per-halving U-Net with 16 base
+    channels, one block per level and no attention (~0.3 M parameters), the yardstick for a solver's own cost."""
+    from models import Denoiser, UNet
+    net = Denoiser(UNet(img_resolution=x.shape[-1], in_channels=x.shape[1], model_channels=16, channel_mult=(1, 2, 2),
+                        num_blocks=1, attn_resolutions=(), mid_attention=False)).to(x.device).eval()
+    sigma = torch.full((x.shape[0],), 1.0, device=x.device)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            sync()
+            tic = clock()
+            net(x, sigma)
+            sync()
+            times.append(clock() - tic)
+    return round(1e6 * statistics.median(times[1:]), 1)
 
 
 def bench_mnist(run, solvers, nfes, n, opt_n, opt_iters, reference_nfe, seed, device, log, batch_size=500):
@@ -251,9 +272,8 @@ def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     out.with_name(out.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-    if plot:
-        plot_errors(rows, out.with_name(out.name + ".png"), references)
-    out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png" if plot else None))
+    plotted = plot and plot_errors(rows, out.with_name(out.name + ".png"), references)  # False: nothing to plot
+    out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png" if plotted else None))
     return result
 
 
@@ -302,9 +322,12 @@ def markdown(result, plot_name):
     overhead = [r for r in rows if r["part"] == "overhead"]
     if overhead:
         lines += ["", f"## Solver overhead ({overhead[0]['data']}, D = 0.5 x, NFE {overhead[0]['nfe']})", "",
-                  "| solver | steps | own time per step (us) | trivial D per call (us) |", "|---|---|---|---|"]
-        lines += [f"| {r['solver']} | {r['steps']} | {r['overhead_us_per_step']} | {r['denoiser_us_per_call']} |"
-                  for r in overhead]
+                  "| solver | steps | own time per step (us) | trivial D per call (us) | own time / tiny U-Net call |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['solver']} | {r['steps']} | {r['overhead_us_per_step']} | {r['denoiser_us_per_call']} | "
+                  f"{100 * r['overhead_us_per_step'] / r['tiny_unet_us_per_call']:.1f}% |" for r in overhead]
+        lines += ["", f"Tiny U-Net (16 base channels, ~0.3 M parameters) per call on the same batch: "
+                  f"{overhead[0]['tiny_unet_us_per_call']} us."]
     mnist = [r for r in rows if r["part"] == "mnist"]
     if mnist:
         nfes = sorted({r["nfe"] for r in mnist})
@@ -332,7 +355,7 @@ def plot_errors(rows, path, references=()):
     import matplotlib.pyplot as plt
     datas = list(dict.fromkeys(r["data"] for r in rows if r["part"] in ("gmm", "mnist") and r.get("rmse")))
     if not datas:
-        return
+        return False
     solvers = list(dict.fromkeys(r["solver"] for r in rows if r["data"] in datas and r.get("rmse")))
     colours = {s: plt.get_cmap("tab10" if len(solvers) <= 10 else "tab20")(i % 20) for i, s in enumerate(solvers)}
     markers = "osD^v<>pP*Xh"
@@ -359,6 +382,7 @@ def plot_errors(rows, path, references=()):
     fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv=None):
