@@ -24,11 +24,11 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from solvers import SOLVERS, CountingDenoiser, get_solver, options_for_nfe, sigmas_for_nfe
 from solvers.optimise import _takes_generator, optimise_schedule, solve_batched
+from runs.bench_solvers_report import markdown, plot_errors
 from solvers.reference import reference_solution, reference_tolerance_check
 
 FIELDS = ["part", "data", "solver", "nfe", "schedule", "rmse", "rmse_at_sigma_min", "fid_mnist", "fit_rmse_before",
@@ -196,16 +196,14 @@ def tiny_unet_us_per_call(x, repeats, sync, clock):
 def bench_mnist(run, solvers, nfes, n, opt_n, opt_iters, reference_nfe, seed, device, log, batch_size=500):
     """FID and RMSE-to-fine-reference rows for a trained MNIST teacher, Karras and fitted schedules."""
     from metrics import METRICS
-    from runs.eval import default_reference
+    from runs.eval import default_reference, reference_split
     from runs.images import to_uint8
     from runs.optimise_schedule import load_teacher, noises, teacher_reference
     denoiser, shape, num_classes, sigma_range, _ = load_teacher(str(run), device)
     sigma_min, sigma_max = sigma_range.get("sigma_min", 0.002), sigma_range.get("sigma_max", 80.0)
-    digits = default_reference()
-    order = np.random.default_rng(seed).permutation(len(digits))
-    real = digits[order[:n]]  # the subset runs.bench teacher scores against
+    real, other = reference_split(default_reference(), n, seed)  # the subsets runs.bench teacher and runs.eval use
     fid = METRICS["fid-mnist"]
-    floor = round(fid(digits[order[n:2 * n]], real, device=device), 3) if 2 * n <= len(digits) else None
+    floor = round(fid(other, real, device=device), 3) if len(other) == n else None
     generator = torch.Generator().manual_seed(seed)
     z, cond = noises(n, shape, num_classes, generator, device)
     z_fit, cond_fit = noises(opt_n, shape, num_classes, generator, device)
@@ -275,114 +273,6 @@ def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6
     plotted = plot and plot_errors(rows, out.with_name(out.name + ".png"), references)  # False: nothing to plot
     out.with_name(out.name + ".md").write_text(markdown(result, out.name + ".png" if plotted else None))
     return result
-
-
-def _cell(value):
-    return "-" if value is None or value == "" else f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
-def _grid(rows, key, schedules, nfes):
-    """Markdown table: one row per solver, one column per NFE, cells 'karras / optimised' values of `key`."""
-    lines = ["| solver | " + " | ".join(f"NFE {nfe}" for nfe in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-    for solver in dict.fromkeys(r["solver"] for r in rows):
-        cells = []
-        for nfe in nfes:
-            found = {r["schedule"]: r.get(key) for r in rows if r["solver"] == solver and r["nfe"] == nfe}
-            cells.append(" / ".join(_cell(found.get(s)) for s in schedules) if found else "-")
-        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def markdown(result, plot_name):
-    setup, rows = result["setup"], result["rows"]
-    lines = ["# ODE solvers: error to the exact ODE map, fitted schedules, overhead (runs/bench_solvers.py)", "",
-             f"- {setup['n']} evaluation noises; schedules fitted (solvers.optimise, {setup['opt_iters']} loss "
-             f"evaluations per start) on {setup['opt_n']} OTHER noises; sigma {setup['sigma_max']:g} -> "
-             f"{setup['sigma_min']:g} -> 0; {setup['device']} ({setup['machine']}), torch {setup['torch']}", "",
-             "## References", "",
-             "| data | reference | change when the tolerances halve (max abs) | smallest RMSE reported | "
-             "floor: RMSE of x = D(x(sigma_min)) |", "|---|---|---|---|---|"]
-    for ref in result["references"]:
-        if ref["data"] == "mnist":
-            lines.append(f"| mnist | {ref['reference']} | RMSE to half its NFE: "
-                         f"{ref['reference_change_at_half_nfe']:.3g} | | MNIST-FID of {ref['n']} real digits "
-                         f"against others: {ref['floor_fid_mnist']} |")
-        else:
-            flag = "" if ref["reference_ok"] else " **(not << smallest error)**"
-            lines.append(f"| {ref['data']} | DOP853, {ref['reference_nfe']} evaluations | "
-                         f"{ref['tolerance_change']:.2g}{flag} | {ref['smallest_rmse']:.3g} | "
-                         f"{ref['floor_rmse']:.3g} |")
-    for data in dict.fromkeys(r["data"] for r in rows if r["part"] == "gmm"):
-        part = [r for r in rows if r["data"] == data]
-        nfes = sorted({r["nfe"] for r in part})
-        lines += ["", f"## {data}: RMSE of x0 to the exact map, karras / optimised", ""]
-        lines += _grid(part, "rmse", ("karras", "optimised"), nfes)
-        lines += ["", "ODE error alone (Karras, state at sigma_min vs exact x(sigma_min)):", ""]
-        lines += _grid(part, "rmse_at_sigma_min", ("karras",), nfes)
-    overhead = [r for r in rows if r["part"] == "overhead"]
-    if overhead:
-        lines += ["", f"## Solver overhead ({overhead[0]['data']}, D = 0.5 x, NFE {overhead[0]['nfe']})", "",
-                  "| solver | steps | own time per step (us) | trivial D per call (us) | own time / tiny U-Net call |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['solver']} | {r['steps']} | {r['overhead_us_per_step']} | {r['denoiser_us_per_call']} | "
-                  f"{100 * r['overhead_us_per_step'] / r['tiny_unet_us_per_call']:.1f}% |" for r in overhead]
-        lines += ["", f"Tiny U-Net (16 base channels, ~0.3 M parameters) per call on the same batch: "
-                  f"{overhead[0]['tiny_unet_us_per_call']} us."]
-    mnist = [r for r in rows if r["part"] == "mnist"]
-    if mnist:
-        nfes = sorted({r["nfe"] for r in mnist})
-        lines += ["", "## MNIST teacher: MNIST-FID, karras / optimised", ""]
-        lines += _grid(mnist, "fid_mnist", ("karras", "optimised"), nfes)
-        lines += ["", "RMSE to the fine reference, karras / optimised:", ""]
-        lines += _grid(mnist, "rmse", ("karras", "optimised"), nfes)
-    if result["skipped"]:
-        lines += ["", "## Skipped", ""]
-        groups = {}
-        for s in result["skipped"]:
-            groups.setdefault((s["solver"], s["data"], s["reason"]), []).append(str(s["nfe"]))
-        lines += [f"- {solver} ({data}) at NFE {', '.join(nfes)}: {reason}"
-                  for (solver, data, reason), nfes in groups.items()]
-    if plot_name:
-        lines += ["", f"![RMSE to the exact map against NFE]({plot_name})"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_errors(rows, path, references=()):
-    """Log-log RMSE against NFE, one panel per data set, one colour per solver (solid karras, dashed optimised),
-    the x = D floor dotted grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    datas = list(dict.fromkeys(r["data"] for r in rows if r["part"] in ("gmm", "mnist") and r.get("rmse")))
-    if not datas:
-        return False
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["data"] in datas and r.get("rmse")))
-    colours = {s: plt.get_cmap("tab10" if len(solvers) <= 10 else "tab20")(i % 20) for i, s in enumerate(solvers)}
-    markers = "osD^v<>pP*Xh"
-    fig, axes = plt.subplots(1, len(datas), figsize=(4.6 * len(datas) + 1.8, 4.2), squeeze=False)
-    for ax, data in zip(axes[0], datas):
-        for i, solver in enumerate(solvers):
-            for schedule, line in (("karras", "-"), ("optimised", "--")):
-                points = sorted((r["nfe"], r["rmse"]) for r in rows if r["data"] == data and r["solver"] == solver
-                                and r["schedule"] == schedule and r.get("rmse"))
-                if points:
-                    ax.plot(*zip(*points), line, marker=markers[i % len(markers)], color=colours[solver],
-                            markersize=3, linewidth=1, label=solver if schedule == "karras" else None)
-        floor = next((r.get("floor_rmse") for r in references if r["data"] == data), None)
-        if floor:
-            ax.axhline(floor, color="grey", linestyle=":", label="floor: x = D at sigma_min")
-        nfes = sorted({r["nfe"] for r in rows if r["data"] == data})
-        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to the reference",
-               title=f"{data} (solid karras, dashed optimised)")
-        ax.set_xticks(nfes, [str(nfe) for nfe in nfes])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None):
