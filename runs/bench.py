@@ -9,20 +9,21 @@ solvers  every registered solver against the exact ODE map of the analytic Gauss
 """
 import argparse
 import csv
+import functools
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from metrics import METRICS
+from metrics.mnist_net import load_mnist_feature_net
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
 from runs.cli import cli_errors, pick_device
-from runs.eval import default_reference
+from runs.eval import default_reference, reference_split
 from runs.images import save_image_grid, to_uint8
 from runs.sample import sample
 
@@ -49,10 +50,9 @@ def class_rows(samples, labels, per_class=10):
 
 def bench_teacher(run, n, out, device, seed=0):
     config, objective = load_run(run, device)
-    reference_all = default_reference()
-    order = np.random.default_rng(seed).permutation(len(reference_all))
-    reference, floor_other = reference_all[order[:n]], reference_all[order[n:2 * n]]
-    fid = METRICS["fid-mnist"]
+    reference, floor_other = reference_split(default_reference(), n, seed)
+    net = load_mnist_feature_net(device=device)  # loaded once, not once per FID
+    fid = functools.partial(METRICS["fid-mnist"], net=net, device=device)
     floor = fid(floor_other, reference)
     rows, grid = [], None
     for solver, nfe in TEACHER_GRID:
@@ -60,8 +60,9 @@ def bench_teacher(run, n, out, device, seed=0):
         samples, labels, measured_nfe, rate = sample(objective, config, n, nfe, solver, batch=500, seed=seed,
                                                      device=device)
         images = to_uint8(samples).numpy()
-        rows.append({"solver": solver, "nfe": measured_nfe, "fid_mnist": round(fid(images, reference), 3),
-                     "fid_ratio_to_floor": round(fid(images, reference) / floor, 2),
+        fid_value = fid(images, reference)
+        rows.append({"solver": solver, "nfe": measured_nfe, "fid_mnist": round(fid_value, 3),
+                     "fid_ratio_to_floor": round(fid_value / floor, 2),
                      "images_per_sec": round(rate, 1), "seconds": round(time.time() - tic, 1)})
         print(rows[-1], flush=True)
         if grid is None:

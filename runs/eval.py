@@ -60,6 +60,13 @@ def default_reference():
     return DATASETS["mnist"]().images.numpy()
 
 
+def reference_split(reference, n, seed=0):
+    """Two disjoint seeded subsets of the reference: the first n items (what n samples are scored against) and the
+    next n (the other half of the real-data floor; shorter when the reference has fewer than 2n items)."""
+    order = np.random.default_rng(seed).permutation(len(reference))
+    return reference[order[:n]], reference[order[n:2 * n]]
+
+
 def score(name, samples, reference, device):
     """METRICS[name](samples, reference), after checking they match (images are flattened for swd / mmd)."""
     if (samples.dtype == np.uint8) != (reference.dtype == np.uint8) or samples.shape[1:] != reference.shape[1:]:
@@ -99,17 +106,16 @@ def main(argv=None):
             reference = default_reference()
         else:
             raise ValueError("vector samples need a reference: pass --ref REF.npz")
-        order = np.random.default_rng(args.seed).permutation(len(reference))
         if args.floor:
             n = args.n or 2000
             if 2 * n > len(reference):
                 raise ValueError(f"--floor needs 2n = {2 * n} reference items, the reference has {len(reference)}")
-            samples, reference = reference[order[:n]], reference[order[n:2 * n]]
+            samples, reference = reference_split(reference, n, args.seed)
         elif args.n:
             if args.n > min(len(samples), len(reference)):
                 raise ValueError(f"--n {args.n} is more than the {len(samples)} samples or the {len(reference)} "
                                  f"reference items")
-            samples, reference = samples[:args.n], reference[order[:args.n]]
+            samples, reference = samples[:args.n], reference_split(reference, args.n, args.seed)[0]
         value = score(args.metric, samples, reference, device)
         result = {"metric": args.metric, "value": value, "samples": "floor" if args.floor else args.samples,
                   "reference": args.ref or "mnist (shipped)", "n_samples": len(samples),
