@@ -99,8 +99,9 @@ def setup_distributed():
     return torch_dist.get_rank(), world, local_rank
 
 
-def train(config, run_dir, resume=False, teacher=None):
-    """Train the resolved `config` into `run_dir`. Returns the objective (with raw, unwrapped networks)."""
+def train(config, run_dir, resume=False, teacher=None, dataset=None):
+    """Train the resolved `config` into `run_dir` (`dataset`: the config's data set when already built).
+    Returns the objective (with raw, unwrapped networks) and the EMA networks."""
     s = TrainSettings(**config["train"])
     rank, world, local_rank = setup_distributed()
     device = pick_device(s.device, local_rank)
@@ -108,7 +109,8 @@ def train(config, run_dir, resume=False, teacher=None):
     main_process = rank == 0
     torch.manual_seed(s.seed + rank)
 
-    dataset, objective = _build(config, teacher)
+    dataset = build_dataset(config) if dataset is None else dataset
+    objective = build_objective(config, **({"teacher": teacher} if teacher is not None else {}))
     nets = {role: net.to(device) for role, net in objective.networks.items()}
     ema = {role: make_ema(net) for role, net in nets.items()}
     optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),
@@ -206,12 +208,6 @@ def train(config, run_dir, resume=False, teacher=None):
     return objective, ema
 
 
-def _build(config, teacher):
-    dataset = build_dataset(config)
-    objective = build_objective(config, **({"teacher": teacher} if teacher is not None else {}))
-    return dataset, objective
-
-
 def last_good(path):
     if not path.exists():
         return "No checkpoint had been written yet."
@@ -284,13 +280,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli_errors():
-        config, _ = make_config(args)
+        config, dataset = make_config(args)
         run_dir = Path(args.resume or args.out or
                        f"out/{config['data']['name']}-{config['objective']['name']}-{config['backbone']['name']}")
         if not args.resume and (run_dir / "checkpoint.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out")
         try:
-            train(config, run_dir, resume=bool(args.resume))
+            train(config, run_dir, resume=bool(args.resume), dataset=dataset)
         except FloatingPointError as e:
             raise ValueError(str(e)) from None
         print(f"done: {run_dir}")
