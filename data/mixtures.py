@@ -77,18 +77,25 @@ def sample_gaussian_mixture(means, variances, weights, n, generator=None):
 
 
 class GaussianMixtureData(torch.utils.data.Dataset):
-    """The analytic Gaussian mixture: n seeded samples (x [dim] float32, label = component index int64)."""
+    """The analytic Gaussian mixture: n seeded samples (x [dim] float32, label = component index int64).
 
-    def __init__(self, dim=2, components=8, n=50000, seed=0):
+    image_shape=[C, H, W] (C*H*W = dim) serves the same mixture as images, for image backbones (unet, fno); the
+    means and variances in `params` then carry that shape too, and the exact teacher is unchanged."""
+
+    def __init__(self, dim=2, components=8, n=50000, seed=0, image_shape=None):
         if int(n) != n or n < 1:
             raise ValueError(f"gaussian mixture dataset size n must be a positive integer; got {n!r}")
+        if image_shape is not None and (len(image_shape) != 3 or math.prod(image_shape) != dim):
+            raise ValueError(f"gmm image_shape must be [C, H, W] with C*H*W = dim = {dim}; got {image_shape}")
         self.params = gaussian_mixture_params(dim=dim, components=components, seed=seed)
         # a generator seeded apart from the one that laid out the modes
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), 1]).generate_state(1)[0]))
         x, component = sample_gaussian_mixture(**self.params, n=int(n), generator=generator)
-        self.x = x.to(torch.float32)
+        self.shape = (int(dim),) if image_shape is None else tuple(int(s) for s in image_shape)
+        if image_shape is not None:
+            self.params = {k: v.reshape(-1, *self.shape) if v.ndim == 2 else v for k, v in self.params.items()}
+        self.x = x.to(torch.float32).reshape(-1, *self.shape)
         self.labels = component
-        self.shape = (int(dim),)
         self.num_classes = int(components)
 
     def __len__(self):

@@ -57,3 +57,32 @@ class Objective:
 
     def denoiser(self):
         return None
+
+
+def init_from_teacher(student_backbone, teacher, allow_missing=()):
+    """Copy a trained teacher's backbone weights into `student_backbone` (Luhman & Luhman 2021, Salimans & Ho 2022,
+    DSNO and BOOT all start the student from the teacher). Parameters whose names start with a prefix in
+    `allow_missing` (layers the student adds, e.g. fno's temporal layers) keep their own initialisation.
+
+    Returns True when weights were copied, False when the teacher has no backbone (an analytic teacher: the student
+    keeps its random initialisation). A student whose shapes cannot take the teacher's weights is a ValueError.
+    """
+    source = getattr(teacher, "backbone", None)
+    if source is None:
+        return False
+    theirs, ours = source.state_dict(), student_backbone.state_dict()
+    extra = [k for k in ours if k not in theirs and not k.startswith(tuple(allow_missing))]
+    unused = [k for k in theirs if k not in ours]
+    if extra or unused:
+        raise ValueError(f"the student backbone ({type(student_backbone).__name__}) cannot take the teacher's weights "
+                         f"({type(source).__name__}): " + "; ".join(
+                             ([f"student has {len(extra)} parameters the teacher lacks, e.g. {extra[0]!r}"] if extra else [])
+                             + ([f"teacher has {len(unused)} the student lacks, e.g. {unused[0]!r}"] if unused else []))
+                         + ". Build the student with the teacher's backbone settings")
+    for key, value in theirs.items():
+        if ours[key].shape != value.shape:
+            raise ValueError(f"the student backbone cannot take the teacher's weights: {key!r} has shape "
+                             f"{list(ours[key].shape)} in the student and {list(value.shape)} in the teacher. "
+                             "Build the student with the teacher's backbone settings")
+    student_backbone.load_state_dict(theirs, strict=False)
+    return True

@@ -350,3 +350,18 @@ def test_toy_geometry():
     assert torch.minimum((upper - 1).abs(), (lower - 1).abs()).max() < 1e-5
     with pytest.raises(ValueError, match="noise"):
         Moons(noise=-1.0)
+
+
+def test_gmm_image_shape_is_the_same_mixture_as_images():
+    from data.mixtures import GaussianMixtureData
+    from models.analytic import GaussianMixtureDenoiser
+    flat = GaussianMixtureData(dim=64, components=4, n=50, seed=3)
+    image = GaussianMixtureData(dim=64, components=4, n=50, seed=3, image_shape=[1, 8, 8])
+    assert image.shape == (1, 8, 8) and image[0][0].shape == (1, 8, 8)
+    assert torch.equal(image.x.reshape(50, 64), flat.x) and torch.equal(image.labels, flat.labels)
+    x, sigma = torch.randn(5, 64, dtype=torch.float64), torch.full((5,), 0.7, dtype=torch.float64)
+    exact_flat = GaussianMixtureDenoiser.from_data(flat)(x, sigma)
+    exact_image = GaussianMixtureDenoiser.from_data(image)(x.reshape(5, 1, 8, 8), sigma)
+    assert torch.allclose(exact_image.reshape(5, 64), exact_flat, atol=1e-12)
+    with pytest.raises(ValueError, match="image_shape"):
+        GaussianMixtureData(dim=64, image_shape=[1, 8, 9])
