@@ -57,7 +57,13 @@ def load_run(path, device="cpu", ema=True, **injected):
     from runs.checkpoint import load_checkpoint
     state = load_checkpoint(path)
     config = state["config"]
+    if "teacher" in config and "teacher" not in injected:  # a student: rebuilt with its teacher, as in training
+        from runs.teacher import load_teacher
+        injected["teacher"] = load_teacher(config["teacher"], build_dataset(config), config["train"]["conditional"],
+                                           device)[0]
     objective = build_objective(config, **injected)
+    if hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(state.get("objective", {}))
     weights = state["ema" if ema else "networks"]
     for role, net in objective.networks.items():
         if role not in weights:

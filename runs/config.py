@@ -1,7 +1,8 @@
 """Configuration: components picked by name, their constructor keyword arguments as their configuration.
 
-A run's configuration has four sections. `backbone`, `objective` and `data` each hold a registry `name` plus that
-component's keyword arguments; `train` holds the loop's `TrainSettings`. Sources merge in this order: defaults, a YAML
+A run's configuration has four sections (five with a teacher). `backbone`, `objective` and `data` each hold a registry `name` plus that
+component's keyword arguments; `train` holds the loop's `TrainSettings`; objectives that need a teacher add a fifth,
+`teacher` (`runs.teacher.TeacherSettings`: a trained run's path, or which analytic teacher to fit). Sources merge in this order: defaults, a YAML
 preset (`--config`), the name flags (`--backbone` ...), then dotted overrides (`backbone.model_channels=64`).
 `resolve` fills every default from the constructors' signatures and rejects unknown keys, so the saved config is
 complete and a later `runs.sample` or `--teacher` rebuilds exactly the same run.
@@ -16,7 +17,7 @@ from data import DATASETS
 from models import BACKBONES
 from objectives import OBJECTIVES, pick
 
-SECTIONS = ("backbone", "objective", "data", "train")
+SECTIONS = ("backbone", "objective", "data", "train", "teacher")
 REGISTRIES = {"backbone": BACKBONES, "objective": OBJECTIVES, "data": DATASETS}
 INJECTED = {"backbone", "teacher", "dataset"}  # objective arguments the loop supplies, never configured
 
@@ -138,6 +139,21 @@ def resolve_train(values):
     return {k: plain(values.get(k, v)) for k, v in fields.items()}
 
 
+def resolve_teacher(values, objective_name):
+    """The `teacher` section, present exactly when the objective needs a teacher."""
+    from runs.teacher import TeacherSettings
+    needs = getattr(OBJECTIVES[objective_name], "needs_teacher", False)
+    if not needs:
+        if any(v is not None for v in values.values()):
+            raise ValueError(f"objective {objective_name!r} takes no teacher; drop --teacher / teacher.* settings")
+        return None
+    fields = {f.name: f.default for f in dataclasses.fields(TeacherSettings)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"teacher takes no setting(s) {', '.join(sorted(unknown))}; it takes: {', '.join(fields)}")
+    return {k: plain(values.get(k, v)) for k, v in fields.items()}
+
+
 def resolve(config):
     """A complete, validated config: every component's every argument, defaults filled in."""
     unknown = set(config) - set(SECTIONS)
@@ -145,6 +161,9 @@ def resolve(config):
         raise ValueError(f"unknown config section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     resolved = {s: resolve_component(s, config.get(s, {})) for s in ("backbone", "objective", "data")}
     resolved["train"] = resolve_train(config.get("train", {}))
+    teacher = resolve_teacher(config.get("teacher", {}), resolved["objective"]["name"])
+    if teacher is not None:
+        resolved["teacher"] = teacher
     return resolved
 
 

@@ -26,9 +26,13 @@ from models.ema import ema_beta, make_ema, update_ema
 from runs.build import build_dataset, build_objective, complete_config
 from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runs.cli import cli_errors, pick_device
-from runs.config import TrainSettings, load_yaml, merge, parse_overrides, resolve, save_yaml
+from models import BACKBONES
+from objectives import pick
+from runs.config import TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, save_yaml
 from objectives.base import using_networks
 from runs.images import save_image_grid
+from runs.quality import one_step_quality
+from runs.teacher import load_teacher, rollout_store
 
 
 class BatchOrder:
@@ -110,7 +114,23 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
     torch.manual_seed(s.seed + rank)
 
     dataset = build_dataset(config) if dataset is None else dataset
-    objective = build_objective(config, **({"teacher": teacher} if teacher is not None else {}))
+    injected = {}
+    if "teacher" in config:
+        if teacher is None:
+            teacher, teacher_description = load_teacher(config["teacher"], dataset, s.conditional, device)
+        else:
+            teacher, teacher_description = teacher.to(device).eval().requires_grad_(False), "given"
+        injected["teacher"] = teacher
+    objective = build_objective(config, **injected)
+    if getattr(objective, "rollouts", None):
+        if main_process:
+            dataset = rollout_store(objective, teacher, teacher_description, config["teacher"], run_dir, dataset,
+                                    s.conditional, device)
+        if world > 1:
+            torch_dist.barrier()
+            if not main_process:
+                dataset = rollout_store(objective, teacher, teacher_description, config["teacher"], run_dir,
+                                        dataset, s.conditional, device)
     nets = {role: net.to(device) for role, net in objective.networks.items()}
     ema = {role: make_ema(net) for role, net in nets.items()}
     optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),
@@ -124,6 +144,8 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             ema[role].load_state_dict(state["ema"][role])
             optimizers[role].load_state_dict(state["optimizers"][role])
         scaler.load_state_dict(state["scaler"])
+        if hasattr(objective, "load_state_dict"):
+            objective.load_state_dict(state["objective"])
         set_rng_state(state["rng"])
         step, elapsed_before = state["step"], state.get("elapsed_sec", 0.0)
     if main_process:  # on resume too: train.* may have changed
@@ -152,13 +174,13 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
     tic_step = step
 
     while step < s.steps:
-        x, labels = (t.to(device, non_blocking=True) for t in next(data))
+        batch = tuple(t.to(device, non_blocking=True) for t in next(data))  # (x0, labels) or (z, xs, labels)
         lr = learning_rate(step, s)
         for role in objective.phases(step):
             for group in optimizers[role].param_groups:
                 group["lr"] = lr
             with autocast(device, s.amp):
-                loss, logs = objective.loss(role, (x, labels), step)
+                loss, logs = objective.loss(role, batch, step)
             optimizers[role].zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizers[role])
@@ -194,15 +216,23 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                              "ema": {r: e.state_dict() for r, e in ema.items()},
                              "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
                              "scaler": scaler.state_dict(), "rng": rng_state(),
+                             "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
                              "elapsed_sec": elapsed_before + time.time() - start}, run_dir / "checkpoint.pt")
         if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
             with using_networks(objective, ema), torch.inference_mode():
                 cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None
-                images = objective.generate(grid_noise.to(device), s.sample_nfe, cond)
+                images = objective.generate(grid_noise.to(device), getattr(objective, "eval_nfe", s.sample_nfe), cond)
             save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
     progress.close()
-    log.close()
     objective.networks = nets
+    if teacher is not None and main_process and config["teacher"]["eval_n"]:
+        with using_networks(objective, ema):
+            report = one_step_quality(objective, teacher, config, dataset, device, n=config["teacher"]["eval_n"])
+        (run_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+        log.write({"step": step, **{f"quality/{k}": v for k, v in report.items() if isinstance(v, (int, float))}})
+        print("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in report.items()))
+    log.close()
     if world > 1:
         torch_dist.destroy_process_group()
     return objective, ema
@@ -251,18 +281,38 @@ class Logger:
 
 
 def make_config(args):
-    """The resolved config of a new run, or of the run being resumed (only train.* may change on resume)."""
+    """The resolved config of a new run, or of the run being resumed (only train.* may change on resume).
+    Returns (config, dataset or None)."""
     overrides = parse_overrides(args.overrides)
     if args.resume:
-        if args.config or args.backbone or args.objective or args.data:
+        if args.config or args.backbone or args.objective or args.data or args.teacher or args.trajectories:
             raise ValueError("--resume continues a run with its saved config; only train.* overrides may be given")
         if set(overrides) - {"train"}:
             raise ValueError("--resume: only train.* settings may change (e.g. train.steps=...)")
         return resolve(merge(load_yaml(Path(args.resume) / "config.yaml"), overrides)), None
     flags = {s: {"name": getattr(args, s)} for s in ("backbone", "objective", "data") if getattr(args, s)}
+    teacher = {k: v for k, v in (("path", args.teacher), ("trajectories", args.trajectories)) if v}
+    if teacher:
+        flags["teacher"] = teacher
     defaults = {"backbone": {"name": "unet"}, "objective": {"name": "dsm"}, "data": {"name": "mnist"}}
     preset = load_yaml(args.config) if args.config else {}
-    return complete_config(merge(defaults, preset, flags, overrides))
+    config = merge(defaults, preset, flags, overrides)
+    teacher_path = config.get("teacher", {}).get("path")
+    if teacher_path:
+        config = merge(defaults, inherited_from_teacher(teacher_path, config), preset, flags, overrides)
+    return complete_config(config)
+
+
+def inherited_from_teacher(path, config):
+    """What a student takes from its trained teacher unless told otherwise: the data set, whether labels are used,
+    and the backbone's settings (so the student can start from the teacher's weights)."""
+    from runs.teacher import teacher_config
+    theirs = teacher_config(path)
+    backbone_name = config["backbone"]["name"]
+    takes = constructor_defaults(pick(BACKBONES, backbone_name, "backbone"), "backbone")
+    backbone = {k: v for k, v in theirs["backbone"].items() if k in takes and k != "name"}
+    return {"data": dict(theirs["data"]), "backbone": backbone,
+            "train": {"conditional": theirs["train"]["conditional"]}}
 
 
 def parse_args(argv=None):
@@ -270,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone", help="backbone name (python -m runs.list)")
     p.add_argument("--objective", help="objective name")
     p.add_argument("--data", help="data set name")
+    p.add_argument("--teacher", help="trained teacher (run directory or checkpoint) for distillation objectives; "
+                                     "without it they fit an analytic teacher to the data")
+    p.add_argument("--trajectories", help="teacher rollouts made by runs.make_pairs (default: generated in the run)")
     p.add_argument("--config", help="YAML preset, e.g. runs/configs/mnist_teacher.yaml")
     p.add_argument("--out", help="run directory (default: out/<data>-<objective>-<backbone>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its last checkpoint")

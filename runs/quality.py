@@ -1,0 +1,57 @@
+"""The end-of-run report of a distilled student: how well it reproduces its teacher's ODE map on held-out noises.
+
+    map_rmse           RMSE between the student's sample and the teacher's rollout (the solver and NFE the student
+                       learnt from) from the same unit noise z, noises never used in training
+    teacher_map_rmse   the same for the teacher itself sampled with the student's NFE (the baseline to beat)
+    fid_mnist          MNIST-FID of the student's samples against real digits (MNIST-shaped data, n >= 500)
+"""
+import time
+
+import torch
+
+from solvers import SOLVERS, options_for_nfe, sigmas_for_nfe
+
+DEFAULT_ROLLOUT = dict(solver="heun", nfe=35, schedule="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0)
+HELD_OUT_SEED = 2**31 - 1  # rollouts for training use small seeds; these noises are disjoint by construction
+
+
+def solve(teacher, z, cond, solver, nfe, schedule, sigma_min, sigma_max, rho, **_):
+    kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max, **({"rho": rho} if schedule == "karras" else {}))
+    sigmas = sigmas_for_nfe(solver, nfe, schedule, **kwargs).to(z.device)
+    return SOLVERS[solver](teacher, z * sigmas[0], sigmas, cond=cond, **options_for_nfe(solver, nfe))
+
+
+def batched(fn, z, labels, batch):
+    out = []
+    for start in range(0, z.shape[0], batch):
+        cond = None if labels is None else {"class_labels": labels[start:start + batch]}
+        out.append(fn(z[start:start + batch], cond))
+    return torch.cat(out)
+
+
+def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=256):
+    """The report above as a dict (plain numbers and strings)."""
+    nfe = int(getattr(objective, "eval_nfe", 1))
+    spec = {**DEFAULT_ROLLOUT, **(getattr(objective, "rollouts", None) or {})}
+    generator = torch.Generator().manual_seed(HELD_OUT_SEED)
+    z = torch.randn([n, *dataset.shape], generator=generator).to(device)
+    labels = None
+    if config["train"]["conditional"]:
+        labels = torch.randint(0, dataset.num_classes, (n,), generator=generator).to(device)
+    with torch.inference_mode():
+        reference = batched(lambda zb, c: solve(teacher, zb, c, **spec), z, labels, batch)
+        baseline = batched(lambda zb, c: solve(teacher, zb, c, **{**spec, "nfe": nfe}), z, labels, batch)
+        tic = time.perf_counter()
+        student = batched(lambda zb, c: objective.generate(zb, nfe, c), z, labels, batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - tic
+    rmse = lambda a: float((a.float() - reference.float()).square().mean().sqrt())  # noqa: E731
+    report = {"nfe": nfe, "n": n, "reference": f"{spec['solver']}@{spec['nfe']}", "map_rmse": rmse(student),
+              "teacher_map_rmse": rmse(baseline), "student_images_per_sec": n / max(seconds, 1e-9)}
+    if tuple(dataset.shape) == (1, 28, 28) and n >= 500:
+        from runs.eval import default_reference, reference_split, score
+        from runs.images import to_uint8
+        real = reference_split(default_reference(), n)[0]
+        report["fid_mnist"] = float(score("fid-mnist", to_uint8(student.cpu()).numpy(), real, device))
+    return report
