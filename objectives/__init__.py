@@ -1,9 +1,17 @@
 """Training objectives, one file per method. OBJECTIVES is open: OBJECTIVES["mine"] = MyObjective."""
 from objectives.base import Objective, pick
+from objectives.boot import BOOT
 from objectives.dsm import DSM
+from objectives.dsno import DSNO
+from objectives.kd import KD
 from objectives.progressive import Progressive
+from objectives.reflow import Reflow
 
 OBJECTIVES = {
     "dsm": DSM,
+    "kd": KD,
     "progressive": Progressive,
+    "reflow": Reflow,
+    "boot": BOOT,
+    "dsno": DSNO,
 }

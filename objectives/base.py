@@ -13,6 +13,11 @@ labels) are recorded at construction, since a wrapper does not expose the module
 """
 import contextlib
 
+import torch
+
+from data.trajectories import saved_sigmas
+from solvers import SCHEDULES, SOLVERS, sigmas_for_nfe
+
 
 def pick(registry, name, what):
     """registry[name], or a one-line ValueError that lists the known names."""
@@ -58,6 +63,13 @@ class Objective:
     def denoiser(self):
         return None
 
+    def to(self, device):
+        """Move every module the objective holds besides its networks (teacher, frozen distance networks)."""
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        return self
+
 
 def init_from_teacher(student_backbone, teacher, allow_missing=()):
     """Copy a trained teacher's backbone weights into `student_backbone` (Luhman & Luhman 2021, Salimans & Ho 2022,
@@ -86,3 +98,24 @@ def init_from_teacher(student_backbone, teacher, allow_missing=()):
                              "Build the student with the teacher's backbone settings")
     student_backbone.load_state_dict(theirs, strict=False)
     return True
+
+
+def teacher_preconditioning(teacher, parameterisation, sigma_data, default="edm"):
+    """(parameterisation, sigma_data) of a student Denoiser: "teacher" / None mean the trained teacher's own (its
+    weights only mean something under its preconditioning), else `default` / 0.5 for an analytic teacher."""
+    if parameterisation == "teacher":
+        parameterisation = getattr(teacher, "parameterisation", default)
+    if sigma_data is None:
+        sigma_data = getattr(teacher, "sigma_data", 0.5) if hasattr(teacher, "backbone") else 0.5
+    return parameterisation, float(sigma_data)
+
+
+def rollout_plan(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n):
+    """(self.rollouts dict, self.rollout_sigmas [K]) for an objective that learns from teacher rollouts."""
+    pick(SOLVERS, solver, "rollout solver")
+    pick(SCHEDULES, schedule, "rollout schedule")
+    schedule_kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max, **({"rho": rho} if schedule == "karras" else {}))
+    grid = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs)
+    rollouts = dict(solver=solver, nfe=int(nfe), schedule=schedule, sigma_min=float(sigma_min),
+                    sigma_max=float(sigma_max), rho=float(rho), save_sigmas=save_sigmas, n=int(n))
+    return rollouts, saved_sigmas(grid, save_sigmas)

@@ -44,7 +44,7 @@ from torch import nn
 
 from models.denoiser import PARAMETERISATIONS, Denoiser
 from models.noise import append_dims
-from objectives.base import Objective, choose, init_from_teacher
+from objectives.base import Objective, choose, init_from_teacher, teacher_preconditioning
 from objectives.distances import make_distance
 from solvers import SOLVERS, euler_step
 
@@ -110,11 +110,8 @@ class Progressive(Objective):
         self.weighting = choose(weighting, WEIGHTINGS, "weighting")
         self.distance = make_distance(distance)
 
-        if parameterisation == "teacher":
-            parameterisation = getattr(teacher, "parameterisation", "edm")
+        parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data)
         choose(parameterisation, PARAMETERISATIONS, "parameterisation")
-        if sigma_data is None:
-            sigma_data = getattr(teacher, "sigma_data", 0.5)
         init_from_teacher(backbone, teacher)
         self.networks["student"] = Denoiser(backbone, parameterisation, sigma_data)
         self.parameterisation, self.sigma_data = parameterisation, float(sigma_data)

@@ -131,6 +131,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             if not main_process:
                 dataset = rollout_store(objective, teacher, teacher_description, config["teacher"], run_dir,
                                         dataset, s.conditional, device)
+    objective.to(device)
     nets = {role: net.to(device) for role, net in objective.networks.items()}
     ema = {role: make_ema(net) for role, net in nets.items()}
     optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),

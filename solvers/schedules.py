@@ -8,6 +8,8 @@
 - logsnr: uniform in log sigma (DPM-Solver's "logSNR" grid; log-SNR = -2 log sigma).
 - polyexponential: k-diffusion's, sigma = exp(u^rho (log sigma_max - log sigma_min) + log sigma_min),
   u = linspace(1, 0, n); rho = 1 is logsnr.
+- flow_uniform: rectified flow's Euler grid (Liu et al. 2023), uniform in t = sigma / (1 + sigma) from t(sigma_max)
+  down to t(sigma_min); with the default sigma_min = 0 the n steps end exactly at t = 0, as RF samples.
 - explicit(values) / from_file(path): a given list, validated, with 0 appended when missing.
 """
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models.noise import vp_sigma, vp_t  # the shared VP math lives once, with the other noise processes
+from models.noise import flow_sigma, flow_t, vp_sigma, vp_t  # the shared process math lives once, in models.noise
 
 
 def _check_steps(n, name):
@@ -92,6 +94,20 @@ def logsnr(n, sigma_min=0.002, sigma_max=80.0):
     return _append_zero(log_sigmas.exp())
 
 
+def flow_uniform(n, sigma_min=0.0, sigma_max=80.0):
+    """Uniform in rectified-flow time t = sigma / (1 + sigma); sigma_min = 0 puts the n steps' end at t = 0."""
+    _check_steps(n, "flow_uniform")
+    if sigma_min == 0:
+        _check_positive(sigma_max, "sigma_max", "flow_uniform")
+        sigmas = flow_sigma(torch.linspace(flow_t(float(sigma_max)), 0, n + 1, dtype=torch.float64))
+    else:
+        _check_range(sigma_min, sigma_max, "flow_uniform")
+        t = torch.linspace(flow_t(float(sigma_max)), flow_t(float(sigma_min)), n, dtype=torch.float64)
+        sigmas = _append_zero(flow_sigma(t))
+    sigmas[0] = sigma_max  # exactly, not t(sigma_max) / (1 - t(sigma_max)) rounded
+    return sigmas
+
+
 def polyexponential(n, sigma_min=0.002, sigma_max=80.0, rho=1.0):
     """k-diffusion's polyexponential: log sigma follows u^rho; rho = 1 is uniform in log sigma."""
     _check_steps(n, "polyexponential")
@@ -156,4 +172,5 @@ SCHEDULES = {
     "uniform_t": uniform_t,
     "logsnr": logsnr,
     "polyexponential": polyexponential,
+    "flow_uniform": flow_uniform,
 }

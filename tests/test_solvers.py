@@ -136,7 +136,7 @@ def test_counting_denoiser_counts_and_resets():
 
 # ---------------------------------------------------------------- schedules
 
-@pytest.mark.parametrize("name", ["karras", "logsnr", "polyexponential"])
+@pytest.mark.parametrize("name", ["karras", "logsnr", "polyexponential", "flow_uniform"])
 @pytest.mark.parametrize("n", [1, 2, 7, 50])
 def test_schedule_endpoints_and_monotonicity(name, n):
     sigmas = SCHEDULES[name](n, sigma_min=0.01, sigma_max=20.0)
@@ -156,6 +156,8 @@ def test_schedule_closed_forms():
     assert torch.allclose(log_steps, log_steps[0].expand(n - 1))
     assert torch.allclose(polyexponential(n, rho=1.0), logsnr(n), rtol=1e-12)
     assert torch.allclose(karras(n, rho=1e6), logsnr(n), rtol=1e-4)  # rho -> inf is log-uniform
+    t = SCHEDULES["flow_uniform"](4, sigma_max=3.0)  # rectified flow's grid: t = s/(1+s) = 0.75, 0.5625, ..., 0
+    assert torch.allclose(t / (1 + t), torch.tensor([0.75, 0.5625, 0.375, 0.1875, 0.0], dtype=torch.float64))
 
 
 def test_uniform_t_matches_the_vp_formula_and_its_inverse():
