@@ -5,6 +5,13 @@ clipping, LR warm-up, DDP (one process per device when started by torchrun; gloo
 torch.compile, atomic checkpoints, `--resume`, and logs (progress bar, metrics.jsonl, TensorBoard, PNG sample grids).
 The objective only says which roles to update (`phases`) and what each role's loss is (`loss`).
 
+Distillation objectives (`needs_teacher`) get a frozen teacher: `--teacher RUN` (a trained run or checkpoint; the
+student inherits its data set, labels and backbone settings unless told otherwise) or, with none, an analytic teacher
+fitted to the data (runs/teacher.py). Objectives that learn from teacher rollouts declare them (`rollouts`); the
+loop generates them once into <run>/rollouts (resumable) or reads `--trajectories DIR` from runs.make_pairs, and
+feeds batches (z, xs, labels) instead of (x0, labels). At the end a quality report compares the student with its
+teacher on held-out noises (quality.json).
+
 Exact resume: the batch at step k is a pure function of (seed, k) (see `BatchOrder`), and the checkpoint holds the
 networks, EMA, optimisers, scaler, step and RNG states, so a run stopped at step k and resumed ends with the same
 weights as one never stopped.

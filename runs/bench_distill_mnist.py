@@ -1,0 +1,86 @@
+"""The MNIST part of `python -m runs.bench distill` (see runs/bench_distill.py): one-step students of the trained
+MNIST teacher, MNIST-FID and images per second, next to the teacher at 1, 2, 4, 8 and 35 NFE."""
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from metrics import METRICS
+from metrics.mnist_net import load_mnist_feature_net
+from objectives.base import using_networks
+from runs.bench_distill import TEACHER_NFES, machine, train_method, write
+from runs.build import load_run
+from runs.eval import default_reference, reference_split
+from runs.images import save_image_grid, to_uint8
+from runs.sample import sample
+
+ROLLOUT_METHODS = ("kd", "reflow", "reflow_distill", "dsno")
+TEACHER_ROWS = [("heun", 35)] + [(s, n) for n in TEACHER_NFES if n != 35 for s in ("euler", "dpmpp_2m")]
+
+
+def generate_samples(objective, ema, nfe, n, shape, conditional, num_classes, device, seed=0, batch=250):
+    """(samples [n, ...], images per second) of a trained student, labels cycling through the classes."""
+    generator = torch.Generator().manual_seed(seed)
+    out, seconds = [], 0.0
+    with using_networks(objective, ema), torch.inference_mode():
+        for start in range(0, n, batch):
+            z = torch.randn([min(batch, n - start), *shape], generator=generator).to(device)
+            cond = None
+            if conditional:
+                cond = {"class_labels": (torch.arange(start, start + len(z)) % num_classes).to(device)}
+            tic = time.perf_counter()
+            out.append(objective.generate(z, nfe, cond).cpu())
+            seconds += time.perf_counter() - tic
+    return torch.cat(out), n / seconds
+
+
+def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs_dir="out/bench_distill", settings=(),
+                seed=0):
+    """`steps`: {method: training steps}."""
+    reference = reference_split(default_reference(), n, seed)[0]
+    fid = functools.partial(METRICS["fid-mnist"], net=load_mnist_feature_net(device=device), device=device)
+    rows = []
+    teacher_config, teacher = load_run(teacher_path, device)
+    for solver, nfe in TEACHER_ROWS:
+        samples, _, measured, rate = sample(teacher, teacher_config, n, nfe, solver, batch=250, seed=seed,
+                                            device=device)
+        rows.append({"method": f"teacher ({solver})", "nfe": measured, "fid_mnist": round(fid(to_uint8(samples)
+                     .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "",
+                     "train_seconds": ""})
+        print(rows[-1], flush=True)
+    common = ["--teacher", str(teacher_path), f"train.device={device}", *settings]
+    for method in methods:
+        extra = ["--trajectories", str(trajectories)] if method in ROLLOUT_METHODS and trajectories else []
+        run_dir = Path(runs_dir) / f"mnist_{method}"
+        config, objective, ema, seconds = train_method(method, common + extra, run_dir, steps[method])
+        nfe = int(getattr(objective, "eval_nfe", 1))
+        from data import DATASETS
+        dataset = DATASETS[config["data"]["name"]]()
+        samples, rate = generate_samples(objective, ema, nfe, n, dataset.shape, config["train"]["conditional"],
+                                         dataset.num_classes, device, seed)
+        save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
+        rows.append({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
+                     "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1)})
+        print(rows[-1], flush=True)
+    summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
+               "settings": list(settings),
+               "n": n, **machine(device), "rows": rows}
+    write(out, summary, markdown(summary, Path(out).name))
+    return summary
+
+
+def markdown(s, stem):
+    lines = [f"# Trajectory distillation on MNIST (teacher {s['teacher']})", "",
+             f"MNIST-FID of {s['n']} samples against the same {s['n']} real digits for every row (lower is better); "
+             f"students trained from the teacher (rollouts: {s['trajectories']}; extra settings: "
+             f"{s['settings'] or 'none'}). "
+             f"Machine: {s['machine']}, torch {s['torch']}.", "",
+             "| method | NFE | MNIST-FID | images/s | train steps | train s |", "|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r['images_per_sec']} | {r['train_steps']} | "
+                     f"{r['train_seconds']} |")
+    lines += ["", "Samples (first 100, one row per class when conditional):", ""]
+    lines += [f"- {r['method']}: ![{r['method']}]({stem}_{r['method']}.png)" for r in s["rows"]
+              if not r["method"].startswith("teacher")]
+    return "\n".join(lines) + "\n"
