@@ -98,7 +98,7 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
     reference = reference_solution(teacher, z * 80.0, 80.0)[0][-1]
     baseline = teacher_errors(teacher, z, reference, sorted(set(TEACHER_NFES)))
     rows = [{"method": "teacher", "solver": best, "nfe": nfe, "map_rmse": round(err, 5),
-             "teacher_map_rmse_same_nfe": round(err, 5), "train_steps": "", "train_seconds": ""}
+             "teacher_map_rmse_same_nfe": round(err, 5), "train_steps": "", "train_seconds": "", "objective": ""}
             for nfe, (best, err, _) in baseline.items()]
     for method in methods:
         config, objective, ema, seconds = train_method(method, MIXTURE_DATA + MIXTURE_NET, Path(runs_dir) /
@@ -111,7 +111,7 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
             baseline.update(teacher_errors(teacher, z, reference, [nfe]))
         rows.append({"method": method, "solver": "", "nfe": nfe, "map_rmse": round(rmse(x, reference), 5),
                      "teacher_map_rmse_same_nfe": round(baseline[nfe][1], 5), "train_steps": steps[method],
-                     "train_seconds": round(seconds, 1)})
+                     "train_seconds": round(seconds, 1), "objective": dict(config["objective"])})
         print(rows[-1], flush=True)
     summary = {"part": "mixture", "settings": list(settings), "n_eval": n_eval, "data": "gmm dim 64 (1x8x8), 8 components",
                "reference": "DOP853 rtol=atol=1e-10 (exact teacher)", **machine(device), "rows": rows}

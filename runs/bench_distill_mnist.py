@@ -9,7 +9,7 @@ import torch
 from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
 from objectives.base import using_networks
-from runs.bench_distill import TEACHER_NFES, machine, train_method, write
+from runs.bench_distill import TEACHER_NFES, machine, progressive_stages, train_method, write
 from runs.build import load_run
 from runs.eval import default_reference, reference_split
 from runs.images import save_image_grid, to_uint8
@@ -47,13 +47,14 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
                                             device=device)
         rows.append({"method": f"teacher ({solver})", "nfe": measured, "fid_mnist": round(fid(to_uint8(samples)
                      .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "",
-                     "train_seconds": ""})
+                     "train_seconds": "", "objective": ""})
         print(rows[-1], flush=True)
     common = ["--teacher", str(teacher_path), f"train.device={device}", *settings]
     for method in methods:
         extra = ["--trajectories", str(trajectories)] if method in ROLLOUT_METHODS and trajectories else []
         run_dir = Path(runs_dir) / f"mnist_{method}"
-        config, objective, ema, seconds = train_method(method, common + extra, run_dir, steps[method])
+        own = progressive_stages(steps[method], start_steps=16) if method == "progressive" else []
+        config, objective, ema, seconds = train_method(method, common + extra, run_dir, steps[method], own)
         nfe = int(getattr(objective, "eval_nfe", 1))
         from data import DATASETS
         dataset = DATASETS[config["data"]["name"]]()
@@ -61,7 +62,8 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
                                          dataset.num_classes, device, seed)
         save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
         rows.append({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
-                     "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1)})
+                     "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
+                     "objective": dict(config["objective"])})
         print(rows[-1], flush=True)
     summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
                "settings": list(settings),

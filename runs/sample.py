@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from objectives.base import pick
+from objectives.base import pick, using_networks
 from runs.build import build_dataset, load_run
 from runs.cli import cli_errors, pick_device
 from runs.images import save_image_grid, to_uint8
@@ -23,43 +23,69 @@ from solvers.common import CountingDenoiser
 
 
 def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, seed=0, device="cpu", labels=None):
-    """(samples [n, ...] in data space, labels or None, measured NFE per sample, images per second)."""
+    """(samples [n, ...] in data space, labels or None, measured NFE per sample, images per second).
+
+    A run whose method samples with a solver (a diffusion teacher, a reflow model) is integrated in float64 with its
+    own solver and schedule, or with `solver` / `schedule` when given (any run that yields a denoiser); other methods
+    (one-step students, progressive distillation's nested grid) sample with their own `generate`. NFE counts the
+    network evaluations either way."""
+    device = torch.device(device)
     dataset = build_dataset(config)
     conditional = config["train"]["conditional"]
     generator = torch.Generator().manual_seed(seed)
     if conditional and labels is None:
         labels = torch.randint(0, dataset.num_classes, (n,), generator=generator)
     denoiser = objective.denoiser()
-    if solver is not None and denoiser is None:
-        raise ValueError(f"objective {config['objective']['name']!r} samples with its own generator; drop --solver")
-    if denoiser is not None:
-        solver = pick(SOLVERS, solver or config["objective"].get("solver", "heun"), "solver")
-        schedule_name = schedule or config["objective"].get("schedule", "karras")
-        pick(SCHEDULES, schedule_name, "schedule")
-        schedule_kwargs = {k: config["objective"][k] for k in ("sigma_min", "sigma_max") if k in config["objective"]}
-        if schedule_name == "karras" and "rho" in config["objective"]:
-            schedule_kwargs["rho"] = config["objective"]["rho"]
-        sigmas = sigmas_for_nfe(solver, nfe, schedule_name, **schedule_kwargs).to(device)
+    if (solver is not None or schedule is not None) and denoiser is None:
+        raise ValueError(f"objective {config['objective']['name']!r} samples with its own generator; drop "
+                         "--solver / --schedule")
+    use_solver = denoiser is not None and (solver is not None or schedule is not None
+                                           or hasattr(objective, "schedule_kwargs"))
+    if use_solver:
+        solver = pick(SOLVERS, solver, "solver") if solver else getattr(objective, "solver", SOLVERS["heun"])
+        if schedule is None and hasattr(objective, "schedule_kwargs"):
+            schedule, schedule_kwargs = objective.schedule, objective.schedule_kwargs
+        else:
+            schedule = pick(SCHEDULES, schedule or config["objective"].get("schedule", "karras"), "schedule")
+            schedule_kwargs = {k: config["objective"][k] for k in ("sigma_min", "sigma_max") if k in config["objective"]}
+            if schedule is SCHEDULES["karras"] and "rho" in config["objective"]:
+                schedule_kwargs["rho"] = config["objective"]["rho"]
+        sigmas = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs).to(device)
         options = options_for_nfe(solver, nfe)
         if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
             options["generator"] = torch.Generator(device).manual_seed(seed + 1)
         counted = CountingDenoiser(denoiser)
+    else:
+        counted = {role: CountCalls(net) for role, net in objective.networks.items()}
     out, elapsed = [], 0.0
     for start in range(0, n, batch):
         z = torch.randn([min(batch, n - start), *dataset.shape], generator=generator).to(device)
         cond = {"class_labels": labels[start:start + len(z)].to(device)} if conditional else None
         tic = time.perf_counter()
         with torch.inference_mode():
-            if denoiser is not None:
+            if use_solver:
                 x = solver(counted, z.double() * sigmas[0], sigmas.double(), cond=cond, **options).float()
             else:
-                x = objective.generate(z, nfe, cond)
+                with using_networks(objective, counted):
+                    x = objective.generate(z, nfe, cond)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - tic
         out.append(x.cpu())
-    measured_nfe = counted.nfe / len(out) if denoiser is not None else nfe
-    return torch.cat(out), labels, measured_nfe, n / elapsed
+    calls = counted.nfe if use_solver else sum(net.calls for net in counted.values())
+    return torch.cat(out), labels, calls / len(out), n / elapsed
+
+
+class CountCalls(torch.nn.Module):
+    """A network that counts its calls (one call on a batch is one function evaluation)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
 
 
 def write(samples, labels, path):

@@ -98,7 +98,16 @@ def rollout_store(objective, teacher, description, settings, run_dir, dataset, c
     if tuple(store.shape) != tuple(dataset.shape):
         raise ValueError(f"trajectory store {store.path if hasattr(store, 'path') else ''} holds samples of shape "
                          f"{list(store.shape)}, the data are {list(dataset.shape)}")
-    wanted = objective.rollout_sigmas.to(torch.float64)
-    if store.sigmas.numel() != wanted.numel() or not torch.allclose(store.sigmas, wanted, rtol=1e-6, atol=1e-9):
+    wanted, stored = objective.rollout_sigmas.to(torch.float64), store.sigmas.to(torch.float64)
+    where = f"trajectory store {getattr(store, 'path', '')}"
+    if wanted.numel() > stored.numel():
+        raise ValueError(f"{where} holds K={stored.numel()} saved states; the objective needs K={wanted.numel()} "
+                         f"(K larger than the stored trajectory): make pairs with --save-sigmas {wanted.numel()}")
+    missing = [float(s) for s in wanted if not torch.isclose(stored, s, rtol=1e-5, atol=1e-9).any()]
+    if missing:
+        raise ValueError(f"{where} holds states at sigmas {[round(float(s), 6) for s in stored]}, not at "
+                         f"{[round(s, 6) for s in missing]} which the objective needs: make pairs with the objective's "
+                         "rollout solver, NFE and schedule")
+    if stored.numel() != wanted.numel():
         store = store.select([float(s) for s in wanted])
     return store

@@ -67,7 +67,7 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backbone", "resnet"], "error: unknown backbone 'resnet'; known: mlp, unet"),
+    (["--backbone", "resnet"], "error: unknown backbone 'resnet'; known: fno, mlp, unet"),
     (["--data", "imagenet"], "error: unknown data 'imagenet'; known:"),
     (["--data", "mnist", "data.path=/no/such/mnist.npz"], "/no/such/mnist.npz"),
     (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
