@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from data.trajectories import saved_sigmas
+from models.denoiser import Denoiser
 from solvers import SCHEDULES, SOLVERS, sigmas_for_nfe
 
 
@@ -108,6 +109,13 @@ def teacher_preconditioning(teacher, parameterisation, sigma_data, default="edm"
     if sigma_data is None:
         sigma_data = getattr(teacher, "sigma_data", 0.5) if hasattr(teacher, "backbone") else 0.5
     return parameterisation, float(sigma_data)
+
+
+def student_denoiser(backbone, teacher, parameterisation="teacher", sigma_data=None, default="edm"):
+    """(Denoiser over `backbone` with teacher_preconditioning's choice, whether it took the teacher's weights)."""
+    parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data, default)
+    initialised = init_from_teacher(backbone, teacher)
+    return Denoiser(backbone, parameterisation, sigma_data), initialised
 
 
 def rollout_plan(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n):

@@ -19,8 +19,7 @@ pixels: a constant factor that Adam absorbs). solver, nfe, schedule, sigma_min, 
 makes the pairs (`self.rollouts`, with the names DSNO uses; n pairs). The student is a one-step generator, not a
 denoiser: `denoiser()` is None and `generate` takes exactly nfe = 1.
 """
-from models.denoiser import Denoiser
-from objectives.base import Objective, init_from_teacher, rollout_plan, teacher_preconditioning
+from objectives.base import Objective, rollout_plan, student_denoiser
 from objectives.distances import make_distance
 
 
@@ -36,10 +35,10 @@ class KD(Objective):
         if teacher is None:
             raise ValueError("kd needs a teacher: pass --teacher RUN (a trained denoiser) whose ODE map the student "
                              "learns from stored (z, x0) pairs")
-        parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data, "edm")
-        self.networks["student"] = Denoiser(backbone, parameterisation, sigma_data)
-        self.initialised_from_teacher = init_from_teacher(backbone, teacher)
-        self.parameterisation, self.sigma_data = parameterisation, sigma_data
+        self.networks["student"], self.initialised_from_teacher = student_denoiser(
+            backbone, teacher, parameterisation, sigma_data, "edm")
+        self.parameterisation = self.networks["student"].parameterisation
+        self.sigma_data = self.networks["student"].sigma_data
         self.conditional = bool(getattr(backbone, "label_dim", 0))
         self.distance = make_distance(distance)
         self.sigma_max = float(sigma_max)

@@ -47,9 +47,8 @@ weights:
 """
 import torch
 
-from models.denoiser import Denoiser
 from models.noise import append_dims, flow_sigma, flow_t
-from objectives.base import Objective, choose, init_from_teacher, pick, rollout_plan, teacher_preconditioning
+from objectives.base import Objective, choose, pick, rollout_plan, student_denoiser
 from objectives.distances import make_distance
 from solvers import SCHEDULES, SOLVERS, euler_step, options_for_nfe, sigmas_for_nfe
 
@@ -72,10 +71,10 @@ class Reflow(Objective):
         if self.mode == "distill" and eval_nfe != 1:
             raise ValueError(f"reflow mode=distill samples in one step: eval_nfe must be 1, got {eval_nfe!r}")
         self.eval_nfe = int(eval_nfe)  # the NFE of the loop's sample grids and quality report
-        parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data, "flow")
-        self.networks["student"] = Denoiser(backbone, parameterisation, sigma_data)
-        self.initialised_from_teacher = init_from_teacher(backbone, teacher)
-        self.parameterisation, self.sigma_data = parameterisation, sigma_data
+        self.networks["student"], self.initialised_from_teacher = student_denoiser(
+            backbone, teacher, parameterisation, sigma_data, "flow")
+        self.parameterisation = self.networks["student"].parameterisation
+        self.sigma_data = self.networks["student"].sigma_data
         self.conditional = bool(getattr(backbone, "label_dim", 0))
         self.distance = make_distance(distance)
         self.sigma_max = float(sigma_max)

@@ -7,25 +7,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from models.denoiser import Denoiser
 from models.fno import FNOUNet, TemporalFourierLayer
 from models.unet import UNet
 from objectives.base import init_from_teacher
+from tests.nets import wake
 
 TINY = dict(img_resolution=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
             attn_resolutions=(4,))
 B = 3
 
-
-def wake(net):
-    """Re-initialise the near-zero output convs (UNet inits them at 1e-5) so outputs depend visibly on inputs."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d) and m.weight.abs().max() < 1e-3:
-                nn.init.xavier_uniform_(m.weight)
-    return net
 
 
 def perturb(net, std=0.3):

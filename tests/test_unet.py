@@ -4,22 +4,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import models.unet as unet
 from models.unet import UNet
+from tests.nets import wake
 
 SMALL = dict(img_resolution=16, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
              attn_resolutions=(8,))
 
-
-def wake(net):
-    """Re-initialise the near-zero output convs so the net's output depends visibly on all its inputs."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d) and m.weight.abs().max() < 1e-3:
-                nn.init.xavier_uniform_(m.weight)
-    return net
 
 
 def inputs(net, batch=4, seed=0):
