@@ -76,11 +76,12 @@ def teacher_errors(teacher, z, reference, nfes, sigma_max=80.0):
     return out
 
 
-def train_method(method, common, run_dir, steps, overrides=()):
+def train_method(method, flags, settings, run_dir, steps):
+    """Train one method: `flags` are command-line options (--teacher ...), `settings` section.key=value overrides."""
     objective_name, backbone, extra = METHODS[method]
-    args = ["--objective", objective_name, "--backbone", backbone, *common, *extra(steps), f"train.steps={steps}",
-            "train.sample_every=0", "teacher.eval_n=0", *overrides]
-    config = make_config(parse_args(args + ["--out", str(run_dir)]))[0]
+    args = ["--objective", objective_name, "--backbone", backbone, *flags, "--out", str(run_dir),  # options first:
+            *extra(steps), f"train.steps={steps}", "train.sample_every=0", "teacher.eval_n=0", *settings]  # argparse
+    config = make_config(parse_args(args))[0]
     tic = time.time()
     objective, ema = train(config, run_dir)
     return config, objective, ema, time.time() - tic
@@ -101,9 +102,9 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
              "teacher_map_rmse_same_nfe": round(err, 5), "train_steps": "", "train_seconds": "", "objective": ""}
             for nfe, (best, err, _) in baseline.items()]
     for method in methods:
-        config, objective, ema, seconds = train_method(method, MIXTURE_DATA + MIXTURE_NET, Path(runs_dir) /
-                                                       f"mixture_{method}", steps[method],
-                                                       ["train.device=" + str(device), *settings])
+        config, objective, ema, seconds = train_method(method, MIXTURE_DATA[:2], [*MIXTURE_DATA[2:], *MIXTURE_NET,
+                                                       f"train.device={device}", *settings],
+                                                       Path(runs_dir) / f"mixture_{method}", steps[method])
         nfe = int(getattr(objective, "eval_nfe", 1))
         with using_networks(objective, ema), torch.inference_mode():
             x = objective.generate(z.float(), nfe, None)
@@ -137,8 +138,9 @@ def write(out, summary, markdown):
 
 def mixture_markdown(s):
     lines = [f"# Trajectory distillation on the analytic mixture ({s['data']})", "",
-             f"Each student trained from the exact teacher (extra settings: {s['settings'] or 'none'}); RMSE to the "
-             "exact ODE map "
+             f"Each student trained from the exact teacher with {' '.join(MIXTURE_NET)} (unet; fno for dsno; "
+             f"progressive 8 -> 4 -> 2 -> 1 steps, the last two stages twice as long), extra settings: "
+             f"{s['settings'] or 'none'}; RMSE to the exact ODE map "
              f"({s['reference']}) on {s['n_eval']} held-out noises. Teacher rows: the best of "
              f"{', '.join(TEACHER_SOLVERS)} at that NFE. Machine: {s['machine']}, torch {s['torch']}.", "",
              "| method | NFE | map RMSE | teacher at same NFE | ratio | train steps | train s |",

@@ -49,12 +49,13 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
                      .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "",
                      "train_seconds": "", "objective": ""})
         print(rows[-1], flush=True)
-    common = ["--teacher", str(teacher_path), f"train.device={device}", *settings]
+    common = [f"train.device={device}", *settings]
     for method in methods:
         extra = ["--trajectories", str(trajectories)] if method in ROLLOUT_METHODS and trajectories else []
         run_dir = Path(runs_dir) / f"mnist_{method}"
         own = progressive_stages(steps[method], start_steps=16) if method == "progressive" else []
-        config, objective, ema, seconds = train_method(method, common + extra, run_dir, steps[method], own)
+        config, objective, ema, seconds = train_method(method, ["--teacher", str(teacher_path), *extra],
+                                                       common + own, run_dir, steps[method])
         nfe = int(getattr(objective, "eval_nfe", 1))
         from data import DATASETS
         dataset = DATASETS[config["data"]["name"]]()
