@@ -3,10 +3,11 @@ from data import DATASETS
 from metrics import METRICS
 from models import BACKBONES
 from objectives import OBJECTIVES
+from objectives.distances import DISTANCES
 from solvers import SCHEDULES, SOLVERS
 
 REGISTRIES = {"backbones": BACKBONES, "objectives": OBJECTIVES, "solvers": SOLVERS, "schedules": SCHEDULES,
-              "datasets": DATASETS, "metrics": METRICS}
+              "datasets": DATASETS, "metrics": METRICS, "distances": DISTANCES}
 
 
 def summary(entry):

@@ -95,7 +95,8 @@ def test_list_prints_every_registry(capsys):
     runs_list.main()
     out = capsys.readouterr().out
     for name in ("backbones:", "unet", "mlp", "objectives:", "dsm", "solvers:", "heun", "schedules:", "karras",
-                 "datasets:", "mnist", "cifar10", "metrics:"):
+                 "datasets:", "mnist", "cifar10", "metrics:", "fno", "dsno", "kd", "progressive", "reflow", "boot",
+                 "flow_uniform", "distances:", "lpips"):
         assert name in out
     assert "(undocumented)" not in out
 
