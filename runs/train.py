@@ -307,19 +307,22 @@ def make_config(args):
     config = merge(defaults, preset, flags, overrides)
     teacher_path = config.get("teacher", {}).get("path")
     if teacher_path:
-        config = merge(defaults, inherited_from_teacher(teacher_path, config), preset, flags, overrides)
+        named = any("name" in c.get("backbone", {}) for c in (preset, flags, overrides))
+        inherited = inherited_from_teacher(teacher_path, config["backbone"]["name"] if named else None)
+        config = merge(defaults, inherited, preset, flags, overrides)
     return complete_config(config)
 
 
-def inherited_from_teacher(path, config):
+def inherited_from_teacher(path, backbone_name=None):
     """What a student takes from its trained teacher unless told otherwise: the data set, whether labels are used,
-    and the backbone's settings (so the student can start from the teacher's weights)."""
+    the backbone (its name unless `backbone_name` is chosen) and the backbone's settings that the student's backbone
+    takes (so the student can start from the teacher's weights)."""
     from runs.teacher import teacher_config
     theirs = teacher_config(path)
-    backbone_name = config["backbone"]["name"]
+    backbone_name = backbone_name or theirs["backbone"]["name"]
     takes = constructor_defaults(pick(BACKBONES, backbone_name, "backbone"), "backbone")
     backbone = {k: v for k, v in theirs["backbone"].items() if k in takes and k != "name"}
-    return {"data": dict(theirs["data"]), "backbone": backbone,
+    return {"data": dict(theirs["data"]), "backbone": {"name": backbone_name, **backbone},
             "train": {"conditional": theirs["train"]["conditional"]}}
 
 

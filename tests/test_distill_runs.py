@@ -341,6 +341,24 @@ def test_sample_of_a_progressive_student_uses_its_own_sampler(students):
         torch.testing.assert_close(samples, objective.generate(z, 2).float(), rtol=0, atol=1e-5)
 
 
+def test_k_rectified_flow_chain_then_one_step_distillation(tmp_path):
+    """reflow's recipe: a reflow run is itself a teacher (its flow denoiser), so 2-RF -> 3-RF -> distill chain by
+    --teacher; each stage regenerates its couplings from the previous one's ODE and starts from its weights."""
+    rf2, rf3, distilled = tmp_path / "rf2", tmp_path / "rf3", tmp_path / "distilled"
+    train(objective_config("reflow", "train.steps=2"), rf2)
+    flags = ["--objective", "reflow", "--teacher", rf2]
+    settings = ["objective.rollout_n=64", "objective.rollout_nfe=5", "train.steps=2", "train.batch_size=32",
+                "teacher.eval_n=16", "train.device=cpu", "train.sample_every=0"]
+    train(config_of(flags, settings), rf3)  # the 2-RF's backbone name and settings are inherited
+    train(config_of(["--objective", "reflow", "--teacher", rf3], settings + ["objective.mode=distill"]), distilled)
+    stores = [json.loads((run / "rollouts" / "manifest.json").read_text())["fingerprint"] for run in (rf3, distilled)]
+    teachers = [load_run(run)[1].denoiser() for run in (rf2, rf3)]
+    assert stores == [fingerprint(t) for t in teachers] and stores[0] != stores[1]
+    config, student = load_run(distilled)
+    assert config["backbone"]["name"] == "mlp" and student.denoiser() is None  # a one-step generator
+    assert json.loads((distilled / "quality.json").read_text())["nfe"] == 1
+
+
 def test_load_run_reloads_a_student_of_a_trained_teacher(students, teachers):
     config, objective = load_run(students / "kd_trained")
     assert config["teacher"]["path"] == str(teachers["A"])
