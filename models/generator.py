@@ -59,8 +59,12 @@ class TimeGenerator(nn.Module):
     def _sigma_out(self, sigma_out, z):
         """sigma_out as [B] (plain backbone) or [B, K] (trajectory backbone), in the dtype of the sigma batch."""
         batch = z.shape[0]
-        dtype = sigma_batch(self.sigma_max, z).dtype
-        sigma = torch.as_tensor(sigma_out, device=z.device).to(dtype)
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        if isinstance(sigma_out, torch.Tensor):
+            sigma = sigma_out.to(device=z.device, dtype=dtype)
+        else:  # a number: a fill on the device (no host-to-device copy); a list: copied once
+            sigma = (torch.full((), float(sigma_out), dtype=dtype, device=z.device) if isinstance(sigma_out, (int, float))
+                     else torch.as_tensor(sigma_out, dtype=dtype, device=z.device))
         if self.trajectory:
             if sigma.ndim == 1:
                 return sigma.expand(batch, -1)

@@ -52,8 +52,10 @@ def append_dims(sigma, ndim):
 def sigma_batch(sigma, x):
     """Any sigma (python float, 0-dim or [B] tensor) as a [B] tensor on x's device, in float32 or x's float64."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
-    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.to(dtype)
+    if not isinstance(sigma, torch.Tensor):  # a fill, not a host-to-device copy: no sync on CUDA
+        return torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
+    sigma = sigma.to(device=x.device, dtype=dtype)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
 def edm_log_noise_label(sigma):

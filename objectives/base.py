@@ -17,7 +17,8 @@ import torch
 
 from data.trajectories import saved_sigmas
 from models.denoiser import Denoiser
-from solvers import SCHEDULES, SOLVERS, sigmas_for_nfe
+from models.generator import TimeGenerator
+from solvers import SCHEDULES, SOLVERS, schedule_kwargs, sigmas_for_nfe
 
 
 def pick(registry, name, what):
@@ -65,10 +66,13 @@ class Objective:
         return None
 
     def to(self, device):
-        """Move every module the objective holds besides its networks (teacher, frozen distance networks)."""
-        for value in vars(self).values():
+        """Move every module and tensor the objective holds (teacher, frozen distance networks, constants such as
+        saved sigmas) to `device`, so that a training step copies nothing from the host."""
+        for name, value in vars(self).items():
             if isinstance(value, torch.nn.Module):
                 value.to(device)
+            elif isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
         return self
 
 
@@ -118,12 +122,20 @@ def student_denoiser(backbone, teacher, parameterisation="teacher", sigma_data=N
     return Denoiser(backbone, parameterisation, sigma_data), initialised
 
 
+def time_generator_student(backbone, teacher, sigma_max, sigma_min):
+    """A models.generator.TimeGenerator over `backbone` (BOOT's g, DSNO's operator), started from the teacher's
+    weights when it has any (a trajectory backbone's extra layers, its TEACHER_FREE_PREFIXES, keep their init)."""
+    init_from_teacher(backbone, teacher, allow_missing=getattr(type(backbone), "TEACHER_FREE_PREFIXES", ()))
+    parameterisation, sigma_data = teacher_preconditioning(teacher, "teacher", None)
+    return TimeGenerator(backbone, sigma_max=float(sigma_max), sigma_min=float(sigma_min),
+                         parameterisation=parameterisation, sigma_data=sigma_data)
+
+
 def rollout_plan(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n):
     """(self.rollouts dict, self.rollout_sigmas [K]) for an objective that learns from teacher rollouts."""
     pick(SOLVERS, solver, "rollout solver")
     pick(SCHEDULES, schedule, "rollout schedule")
-    schedule_kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max, **({"rho": rho} if schedule == "karras" else {}))
-    grid = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs)
+    grid = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs(schedule, sigma_min, sigma_max, rho))
     rollouts = dict(solver=solver, nfe=int(nfe), schedule=schedule, sigma_min=float(sigma_min),
                     sigma_max=float(sigma_max), rho=float(rho), save_sigmas=save_sigmas, n=int(n))
     return rollouts, saved_sigmas(grid, save_sigmas)

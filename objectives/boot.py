@@ -40,11 +40,10 @@ import functools
 
 import torch
 
-from models.generator import TimeGenerator
 from models.noise import append_dims
-from objectives.base import Objective, init_from_teacher, pick, teacher_preconditioning
+from objectives.base import Objective, pick, time_generator_student
 from objectives.distances import make_distance
-from solvers import ddim_step, dpm_solver_step, dpmpp_2s_step, euler_step, get_schedule, heun_step
+from solvers import ddim_step, dpm_solver_step, dpmpp_2s_step, euler_step, get_schedule, heun_step, schedule_kwargs
 
 TEACHER_STEPS = {
     "euler": euler_step,
@@ -70,20 +69,13 @@ class BOOT(Objective):
                              f"got {num_steps!r}")
         self.teacher = teacher
         self.step = pick(TEACHER_STEPS, teacher_solver, "boot teacher_solver")
-        schedule_kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max)
-        if schedule == "karras":
-            schedule_kwargs["rho"] = rho
-        grid = get_schedule(schedule)(int(num_steps), **schedule_kwargs)
+        grid = get_schedule(schedule)(int(num_steps), **schedule_kwargs(schedule, sigma_min, sigma_max, rho))
         self.levels = grid[:-1]  # the nonzero levels (float64), descending: intervals levels[i] -> levels[i + 1]
         self.sigma_max, self.sigma_min = float(self.levels[0]), float(self.levels[-1])
         self.boundary_weight, self.step_normalised = float(boundary_weight), bool(step_normalised)
         self.distance = make_distance(distance)
         self.conditional = bool(getattr(backbone, "label_dim", 0))
-        init_from_teacher(backbone, teacher)
-        parameterisation, sigma_data = teacher_preconditioning(teacher, "teacher", None)
-        self.networks["student"] = TimeGenerator(
-            backbone, sigma_max=self.sigma_max, sigma_min=self.sigma_min,
-            parameterisation=parameterisation, sigma_data=sigma_data)
+        self.networks["student"] = time_generator_student(backbone, teacher, self.sigma_max, self.sigma_min)
 
     def _labels(self, labels):
         return labels if self.conditional else None

@@ -21,7 +21,7 @@ import torch
 from models.denoiser import Denoiser, preconditioning
 from models.noise import append_dims, flow_sigma, vp_sigma
 from objectives.base import Objective, choose, pick
-from solvers import SCHEDULES, SOLVERS, options_for_nfe, sigmas_for_nfe
+from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 SIGMA_SAMPLERS = ("lognormal", "vp", "flow")
 WEIGHTINGS = ("target", "edm", "uniform")
@@ -43,9 +43,7 @@ class DSM(Objective):
         self.vp_eps_t, self.flow_logit_normal = vp_eps_t, flow_logit_normal
         self.solver = pick(SOLVERS, solver, "solver")
         self.schedule = pick(SCHEDULES, schedule, "schedule")
-        self.schedule_kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max)
-        if schedule == "karras":
-            self.schedule_kwargs["rho"] = rho
+        self.schedule_kwargs = schedule_kwargs(schedule, sigma_min, sigma_max, rho)
 
     def sample_sigma(self, n, device):
         u = torch.rand(n, device=device)

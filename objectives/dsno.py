@@ -7,20 +7,24 @@ returns, in one network evaluation, the states at the K saved levels sigma_1 > .
 ODE rollout (the data set holds (z, xs [K, ...], label) from the trajectory store). The loss (the paper's Sec. 4 and
 its code) is
 
-    L = E_z [ sum_k w_k d(x_hat_k(z), x_teacher(sigma_k; z)) ],   w_k = clamp(sqrt(SNR_k), 1, 1e4),
+    L = E_z [ sum_k w_k d(alpha_k x_hat_k(z), alpha_k x_teacher(sigma_k; z)) ],   w_k = clamp(sqrt(SNR_k), 1, 1e4),
 
 with SNR = 1 / sigma^2 in VE (= alpha^2 / sigma_vp^2 in VP), so sigma = 0 gets 1e4 and the endpoint dominates
 (CIFAR's four times give w = 1, 2.41, 10.15, 1e4). d is `distance` (mse here by default; the paper uses LPIPS on
 CIFAR-10 and L1 on ImageNet-64). normalise_weights=True divides w by its sum (a loss of the distance's scale,
-same minimiser; off by default, as in the paper). Sampling returns the last time's output: the x0 estimate.
+same minimiser; off by default, as in the paper). The paper's trajectory is the VP one, x_vp = alpha x with
+alpha_k = 1 / sqrt(1 + sigma_k^2); the student outputs VE states x_hat_k, so both sides are scaled by alpha_k before
+the distance: the loss is the paper's (for a perceptual distance, images stay at data scale), not a VE-space MSE
+that would weight the noisy early times by 1 + sigma_k^2. Sampling returns the last time's output: the x0 estimate.
 
 Saved times: save_sigmas = K (default 4, the paper's count) takes K evenly spaced points of the rollout grid
 ending at 0 (data.trajectories.saved_sigmas), or a list of sigmas snapped to the grid.
 """
 import torch
 
-from models.generator import TimeGenerator, outputs_trajectory
-from objectives.base import Objective, init_from_teacher, rollout_plan, teacher_preconditioning
+from models.generator import outputs_trajectory
+from models.noise import append_dims
+from objectives.base import Objective, rollout_plan, time_generator_student
 from objectives.distances import make_distance
 
 
@@ -47,15 +51,12 @@ class DSNO(Objective):
         if float(self.rollout_sigmas[-1]) != 0:
             raise ValueError(f"dsno's last saved sigma must be 0 (the x0 it samples); got save_sigmas={save_sigmas}")
         self.weights = dsno_weights(self.rollout_sigmas.to(torch.float64))
+        self.vp_scale = (1 + self.rollout_sigmas.to(torch.float64) ** 2).rsqrt()  # alpha_k of x_vp = alpha x_ve
         if normalise_weights:
             self.weights = self.weights / self.weights.sum()
         self.distance = make_distance(distance)
         self.conditional = bool(getattr(backbone, "label_dim", 0))
-        init_from_teacher(backbone, teacher, allow_missing=getattr(type(backbone), "TEACHER_FREE_PREFIXES", ()))
-        parameterisation, sigma_data = teacher_preconditioning(teacher, "teacher", None)
-        self.networks["student"] = TimeGenerator(
-            backbone, sigma_max=float(sigma_max), sigma_min=sigma_min,
-            parameterisation=parameterisation, sigma_data=sigma_data)
+        self.networks["student"] = time_generator_student(backbone, teacher, float(sigma_max), sigma_min)
 
     def _labels(self, labels):
         return labels if self.conditional else None
@@ -63,12 +64,13 @@ class DSNO(Objective):
     def trajectory(self, z, cond=None):
         """All K outputs [B, K, *shape], at self.rollout_sigmas."""
         labels = None if cond is None else self._labels(cond.get("class_labels"))
-        return self.networks["student"](z, self.rollout_sigmas.to(z.device), labels)
+        return self.networks["student"](z, self.rollout_sigmas, labels)
 
     def loss(self, role, batch, step):
         z, xs, labels = batch
-        x_hat = self.networks["student"](z, self.rollout_sigmas.to(z.device), self._labels(labels))
-        per_time = self.distance(x_hat.flatten(0, 1), xs.flatten(0, 1)).reshape(xs.shape[:2])  # [B, K]
+        x_hat = self.networks["student"](z, self.rollout_sigmas, self._labels(labels))
+        scale = append_dims(self.vp_scale, xs.ndim - 1).to(xs.dtype)  # compare in VP space, as the paper does
+        per_time = self.distance((scale * x_hat).flatten(0, 1), (scale * xs).flatten(0, 1)).reshape(xs.shape[:2])
         weights = self.weights.to(per_time)
         loss = (per_time * weights).sum(1).mean()
         logs = {"loss": loss.detach()}

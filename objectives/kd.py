@@ -53,7 +53,7 @@ class KD(Objective):
         z, xs, labels = batch
         x0 = xs[:, -1]  # the teacher's sample: the last saved state, at sigma = 0
         x0_hat = self.student(z, labels if self.conditional else None)
-        loss = self.distance.to(z.device)(x0_hat, x0).mean()
+        loss = self.distance(x0_hat, x0).mean()
         return loss, {"loss": loss.detach()}
 
     def generate(self, z, nfe, cond=None):

@@ -42,9 +42,8 @@ import math
 import torch
 from torch import nn
 
-from models.denoiser import PARAMETERISATIONS, Denoiser
 from models.noise import append_dims
-from objectives.base import Objective, choose, init_from_teacher, teacher_preconditioning
+from objectives.base import Objective, choose, student_denoiser
 from objectives.distances import make_distance
 from solvers import SOLVERS, euler_step
 
@@ -110,11 +109,9 @@ class Progressive(Objective):
         self.weighting = choose(weighting, WEIGHTINGS, "weighting")
         self.distance = make_distance(distance)
 
-        parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data)
-        choose(parameterisation, PARAMETERISATIONS, "parameterisation")
-        init_from_teacher(backbone, teacher)
-        self.networks["student"] = Denoiser(backbone, parameterisation, sigma_data)
-        self.parameterisation, self.sigma_data = parameterisation, float(sigma_data)
+        self.networks["student"] = student_denoiser(backbone, teacher, parameterisation, sigma_data)[0]
+        self.parameterisation = self.networks["student"].parameterisation
+        self.sigma_data = self.networks["student"].sigma_data
         self.conditional = bool(getattr(backbone, "label_dim", 0))
         self.teacher = teacher          # the given teacher: stage 0's
         self.stage = 0                  # the stage of the last loss() call

@@ -50,7 +50,7 @@ import torch
 from models.noise import append_dims, flow_sigma, flow_t
 from objectives.base import Objective, choose, pick, rollout_plan, student_denoiser
 from objectives.distances import make_distance
-from solvers import SCHEDULES, SOLVERS, euler_step, options_for_nfe, sigmas_for_nfe
+from solvers import SCHEDULES, SOLVERS, euler_step, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 MODES = ("flow", "distill")
 
@@ -81,9 +81,8 @@ class Reflow(Objective):
         self.t_min, self.t_max = flow_t(float(sigma_min)), flow_t(self.sigma_max)
         self.solver = pick(SOLVERS, solver, "solver")
         self.schedule = pick(SCHEDULES, schedule, "schedule")
-        self.schedule_kwargs = dict(sigma_max=sigma_max)
-        if schedule != "flow_uniform":
-            self.schedule_kwargs.update(sigma_min=sigma_min, **({"rho": rho} if schedule == "karras" else {}))
+        self.schedule_kwargs = (dict(sigma_max=sigma_max) if schedule == "flow_uniform"  # RF's grid ends at t = 0
+                                else schedule_kwargs(schedule, sigma_min, sigma_max, rho))
         self.rollouts, self.rollout_sigmas = rollout_plan(rollout_solver, rollout_nfe, rollout_schedule, sigma_min,
                                                           sigma_max, rho, save_sigmas=1, n=rollout_n)
 
@@ -91,7 +90,7 @@ class Reflow(Objective):
         z, xs, labels = batch
         x0 = xs[:, -1]  # the teacher's sample: the last saved state, at sigma = 0
         labels = labels if self.conditional else None
-        student, distance = self.networks["student"], self.distance.to(z.device)
+        student, distance = self.networks["student"], self.distance
         if self.mode == "distill":
             x0_hat = student(self.sigma_max * z, z.new_full((z.shape[0],), self.sigma_max), labels)
             loss = distance(x0_hat, x0).mean()

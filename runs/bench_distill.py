@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--teacher", default="bench/mnist_teacher.pt")
     p.add_argument("--trajectories", help="mnist: a store from runs.make_pairs (save_sigmas >= 4 serves dsno too)")
     p.add_argument("--out")
+    p.add_argument("--append", action="store_true", help="mnist: keep <out>.json's rows, (re)measure only --methods")
     p.add_argument("--runs-dir", default="out/bench_distill", help="where the students' run directories go")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -183,4 +184,4 @@ def main(argv=None):
         else:
             from runs.bench_distill_mnist import bench_mnist
             bench_mnist(args.out or "bench/distill_mnist", args.teacher, args.trajectories, steps, args.n,
-                        device, args.methods, args.runs_dir, args.set)
+                        device, args.methods, args.runs_dir, args.set, append=args.append)

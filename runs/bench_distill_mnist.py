@@ -1,11 +1,13 @@
 """The MNIST part of `python -m runs.bench distill` (see runs/bench_distill.py): one-step students of the trained
 MNIST teacher, MNIST-FID and images per second, next to the teacher at 1, 2, 4, 8 and 35 NFE."""
 import functools
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from data import DATASETS
 from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
 from objectives.base import using_networks
@@ -36,19 +38,35 @@ def generate_samples(objective, ema, nfe, n, shape, conditional, num_classes, de
 
 
 def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs_dir="out/bench_distill", settings=(),
-                seed=0):
-    """`steps`: {method: training steps}."""
+                seed=0, append=False):
+    """`steps`: {method: training steps}. The summary is rewritten after every row, so an interrupted bench keeps
+    what it measured; append=True keeps <out>.json's rows (teacher rows included) and (re)measures only `methods`."""
     reference = reference_split(default_reference(), n, seed)[0]
     fid = functools.partial(METRICS["fid-mnist"], net=load_mnist_feature_net(device=device), device=device)
-    rows = []
-    teacher_config, teacher = load_run(teacher_path, device)
-    for solver, nfe in TEACHER_ROWS:
-        samples, _, measured, rate = sample(teacher, teacher_config, n, nfe, solver, batch=250, seed=seed,
-                                            device=device)
-        rows.append({"method": f"teacher ({solver})", "nfe": measured, "fid_mnist": round(fid(to_uint8(samples)
-                     .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "",
-                     "train_seconds": "", "objective": ""})
-        print(rows[-1], flush=True)
+    summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
+               "settings": list(settings), "n": n, **machine(device), "rows": []}
+    if append:
+        summary = json.loads(Path(out).with_suffix(".json").read_text())
+        if summary["n"] != n or summary["teacher"] != str(teacher_path):
+            raise ValueError(f"--append: {out}.json holds n={summary['n']} for {summary['teacher']}, not n={n} for "
+                             f"{teacher_path}")
+        summary["rows"] = [r for r in summary["rows"] if r["method"] not in methods]
+        summary.setdefault("appended", []).append({"methods": list(methods), "settings": list(settings),
+                                                   **machine(device)})
+
+    def add(row):
+        summary["rows"].append(row)
+        print(row, flush=True)
+        write(out, summary, markdown(summary, Path(out).name))
+
+    if not append:
+        teacher_config, teacher = load_run(teacher_path, device)
+        for solver, nfe in TEACHER_ROWS:
+            samples, _, measured, rate = sample(teacher, teacher_config, n, nfe, solver, batch=250, seed=seed,
+                                                device=device)
+            add({"method": f"teacher ({solver})", "nfe": measured, "fid_mnist": round(fid(to_uint8(samples)
+                 .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "", "train_seconds": "",
+                 "objective": ""})
     common = [f"train.device={device}", *settings]
     for method in methods:
         extra = ["--trajectories", str(trajectories)] if method in ROLLOUT_METHODS and trajectories else []
@@ -57,19 +75,13 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
         config, objective, ema, seconds = train_method(method, ["--teacher", str(teacher_path), *extra],
                                                        common + own, run_dir, steps[method])
         nfe = int(getattr(objective, "eval_nfe", 1))
-        from data import DATASETS
         dataset = DATASETS[config["data"]["name"]]()
         samples, rate = generate_samples(objective, ema, nfe, n, dataset.shape, config["train"]["conditional"],
                                          dataset.num_classes, device, seed)
         save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
-        rows.append({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
-                     "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
-                     "objective": dict(config["objective"])})
-        print(rows[-1], flush=True)
-    summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
-               "settings": list(settings),
-               "n": n, **machine(device), "rows": rows}
-    write(out, summary, markdown(summary, Path(out).name))
+        add({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
+             "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
+             "objective": dict(config["objective"])})
     return summary
 
 
@@ -83,6 +95,11 @@ def markdown(s, stem):
     for r in s["rows"]:
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r['images_per_sec']} | {r['train_steps']} | "
                      f"{r['train_seconds']} |")
+    for extra in s.get("appended", []):
+        lines += ["", f"Re-measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
+                      f"{extra['settings'] or 'none'}; {extra['machine']})."]
+    for note in s.get("notes", []):
+        lines += ["", note]
     lines += ["", "Samples (first 100, one row per class when conditional):", ""]
     lines += [f"- {r['method']}: ![{r['method']}]({stem}_{r['method']}.png)" for r in s["rows"]
               if not r["method"].startswith("teacher")]

@@ -61,7 +61,7 @@ def load_run(path, device="cpu", ema=True, **injected):
         from runs.teacher import load_teacher
         injected["teacher"] = load_teacher(config["teacher"], build_dataset(config), config["train"]["conditional"],
                                            device)[0]
-    objective = build_objective(config, **injected)
+    objective = build_objective(config, **injected).to(device)
     if hasattr(objective, "load_state_dict"):
         objective.load_state_dict(state.get("objective", {}))
     weights = state["ema" if ema else "networks"]

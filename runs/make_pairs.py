@@ -14,16 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.trajectories import DTYPES, TrajectoryStore, TrajectoryWriter, fingerprint, saved_indices, shard_seed
-from solvers import get_schedule, get_solver, options_for_nfe, sigmas_for_nfe
-
-
-def schedule_kwargs(schedule, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """sigma_min and sigma_max, plus rho for karras only: the convention of runs.sample and the objectives (dsm,
-    kd, dsno), so a store's grid equals the one an objective computes from the same settings."""
-    get_schedule(schedule)
-    kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max))
-    return {**kwargs, "rho": float(rho)} if schedule == "karras" else kwargs
+from data.trajectories import DTYPES, TrajectoryStore, TrajectoryWriter, fingerprint, saved_indices
+from solvers import get_solver, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 
 def _check_device(teacher, device):
@@ -44,6 +36,9 @@ def generate_rollouts(out_dir, teacher, *, solver="heun", nfe=35, schedule="karr
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     sample = get_solver(solver)
+    if "generator" in inspect.signature(sample).parameters:
+        raise ValueError(f"rollouts are distillation targets: they need a deterministic solver (the teacher's ODE map), "
+                         f"and {solver!r} is stochastic; use heun, dpmpp_2m, ... (python -m runs.list)")
     kwargs = schedule_kwargs(schedule, sigma_min, sigma_max, rho)
     grid = sigmas_for_nfe(solver, nfe, schedule, **kwargs)
     options = options_for_nfe(solver, nfe)
@@ -56,14 +51,11 @@ def generate_rollouts(out_dir, teacher, *, solver="heun", nfe=35, schedule="karr
     keep = torch.tensor(saved_indices(grid, save_sigmas), device=device)
     grid = grid.to(device)
     pending = writer.pending()
-    stochastic = "generator" in inspect.signature(sample).parameters
     bar = tqdm(total=n, initial=n - sum(writer.count(i) for i in pending), unit="rollout", dynamic_ncols=True,
                disable=not progress, desc=f"{solver} NFE {nfe}")
     with torch.inference_mode():
         for index in pending:
             z, labels = writer.inputs(index)
-            if stochastic:  # reproducible per shard, like the noise
-                options["generator"] = torch.Generator(device).manual_seed(shard_seed(seed, index, stream=1))
             states = []
             for start in range(0, len(z), batch_size):
                 z_batch = z[start:start + batch_size].to(device)

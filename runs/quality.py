@@ -9,15 +9,14 @@ import time
 
 import torch
 
-from solvers import SOLVERS, options_for_nfe, sigmas_for_nfe
+from solvers import SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 DEFAULT_ROLLOUT = dict(solver="heun", nfe=35, schedule="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0)
 HELD_OUT_SEED = 2**31 - 1  # rollouts for training use small seeds; these noises are disjoint by construction
 
 
 def solve(teacher, z, cond, solver, nfe, schedule, sigma_min, sigma_max, rho, **_):
-    kwargs = dict(sigma_min=sigma_min, sigma_max=sigma_max, **({"rho": rho} if schedule == "karras" else {}))
-    sigmas = sigmas_for_nfe(solver, nfe, schedule, **kwargs).to(z.device)
+    sigmas = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs(schedule, sigma_min, sigma_max, rho)).to(z.device)
     return SOLVERS[solver](teacher, z * sigmas[0], sigmas, cond=cond, **options_for_nfe(solver, nfe))
 
 
@@ -32,7 +31,8 @@ def batched(fn, z, labels, batch):
 def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=256):
     """The report above as a dict (plain numbers and strings)."""
     nfe = int(getattr(objective, "eval_nfe", 1))
-    spec = {**DEFAULT_ROLLOUT, **(getattr(objective, "rollouts", None) or {})}
+    levels = {k: config["objective"][k] for k in ("sigma_min", "sigma_max", "rho") if k in config["objective"]}
+    spec = {**DEFAULT_ROLLOUT, **levels, **(getattr(objective, "rollouts", None) or {})}
     generator = torch.Generator().manual_seed(HELD_OUT_SEED)
     z = torch.randn([n, *dataset.shape], generator=generator).to(device)
     labels = None

@@ -18,7 +18,7 @@ from objectives.base import pick, using_networks
 from runs.build import build_dataset, load_run
 from runs.cli import cli_errors, pick_device
 from runs.images import save_image_grid, to_uint8
-from solvers import SCHEDULES, SOLVERS, options_for_nfe, sigmas_for_nfe
+from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 from solvers.common import CountingDenoiser
 
 
@@ -44,13 +44,13 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
     if use_solver:
         solver = pick(SOLVERS, solver, "solver") if solver else getattr(objective, "solver", SOLVERS["heun"])
         if schedule is None and hasattr(objective, "schedule_kwargs"):
-            schedule, schedule_kwargs = objective.schedule, objective.schedule_kwargs
+            schedule, kwargs = objective.schedule, objective.schedule_kwargs
         else:
-            schedule = pick(SCHEDULES, schedule or config["objective"].get("schedule", "karras"), "schedule")
-            schedule_kwargs = {k: config["objective"][k] for k in ("sigma_min", "sigma_max") if k in config["objective"]}
-            if schedule is SCHEDULES["karras"] and "rho" in config["objective"]:
-                schedule_kwargs["rho"] = config["objective"]["rho"]
-        sigmas = sigmas_for_nfe(solver, nfe, schedule, **schedule_kwargs).to(device)
+            name = schedule or config["objective"].get("schedule", "karras")
+            schedule = pick(SCHEDULES, name, "schedule")
+            levels = {k: config["objective"][k] for k in ("sigma_min", "sigma_max", "rho") if k in config["objective"]}
+            kwargs = schedule_kwargs(name, **levels)
+        sigmas = sigmas_for_nfe(solver, nfe, schedule, **kwargs).to(device)
         options = options_for_nfe(solver, nfe)
         if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
             options["generator"] = torch.Generator(device).manual_seed(seed + 1)

@@ -13,6 +13,7 @@ run generates them once into `<run>/rollouts` (resumable: a killed run keeps its
 made by `python -m runs.make_pairs` (`teacher.trajectories`), checked against the teacher's fingerprint.
 """
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -84,6 +85,10 @@ def rollout_store(objective, teacher, description, settings, run_dir, dataset, c
     spec = objective.rollouts
     if s.trajectories:
         store = TrajectoryStore(s.trajectories, fingerprint=fingerprint(teacher))
+        if not math.isclose(store.manifest["grid"][0], spec["sigma_max"], rel_tol=1e-9):
+            raise ValueError(f"trajectory store {s.trajectories} starts its rollouts at sigma_max="
+                             f"{store.manifest['grid'][0]:g}, the objective at {spec['sigma_max']:g}: make pairs with "
+                             f"--sigma-max {spec['sigma_max']:g} or set objective.sigma_max")
         for key in ("solver", "nfe", "schedule"):
             if store.manifest[key] != spec[key]:
                 print(f"note: {s.trajectories} was made with {key}={store.manifest[key]}; the objective's "

@@ -21,7 +21,7 @@ from .heun import heun_step, sample_heun
 from .multistep import deis_step, ipndm_step, lms_step, sample_deis, sample_ipndm, sample_lms
 from .stochastic import edm_stochastic_step, euler_ancestral_step, sample_edm_stochastic, sample_euler_ancestral
 from .unipc import sample_unipc, sample_unipc_bh1, sample_unipc_bh2, unipc_step
-from .schedules import (SCHEDULES, explicit, from_file, karras, logsnr, polyexponential, uniform_t,
+from .schedules import (SCHEDULES, explicit, from_file, karras, logsnr, polyexponential, schedule_kwargs, uniform_t,
                         vp_sigma, vp_t)
 
 SOLVERS = {
@@ -89,7 +89,7 @@ def options_for_nfe(solver, nfe):
 
 
 __all__ = [
-    "SOLVERS", "SCHEDULES", "CountingDenoiser", "sample_euler", "sample_heun", "euler_step", "heun_step",
+    "SOLVERS", "SCHEDULES", "schedule_kwargs", "CountingDenoiser", "sample_euler", "sample_heun", "euler_step", "heun_step",
     "sample_ddim", "ddim_step", "sample_euler_ancestral", "euler_ancestral_step", "sample_edm_stochastic",
     "edm_stochastic_step", "sample_lms", "lms_step", "sample_ipndm", "ipndm_step", "sample_deis", "deis_step",
     "sample_unipc", "sample_unipc_bh1", "sample_unipc_bh2", "unipc_step", "sample_dpm_solver_1",

@@ -167,6 +167,14 @@ def from_file(path):
         raise ValueError(f"schedule file {path}: {error}") from None
 
 
+def schedule_kwargs(schedule, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The keyword arguments a run's (sigma_min, sigma_max, rho) settings give `schedule`: rho goes to karras only
+    (polyexponential keeps its own rho = 1 default unless called directly). One convention for sampling, rollouts
+    and objectives, so a store's grid equals the one an objective computes from the same settings."""
+    kwargs = dict(sigma_min=float(sigma_min), sigma_max=float(sigma_max))
+    return {**kwargs, "rho": float(rho)} if schedule in ("karras", karras) else kwargs
+
+
 SCHEDULES = {
     "karras": karras,
     "uniform_t": uniform_t,

@@ -226,6 +226,14 @@ def test_store_of_another_teacher_is_refused(teachers, stores, tmp_path, capsys)
     assert code == 2 and err.count("\n") == 1 and "store made by another teacher" in err and "fingerprint" in err
 
 
+def test_store_started_from_another_sigma_max_is_refused(teachers, stores, tmp_path, capsys):
+    """kd saves only x0, so the saved sigmas cannot tell; the store's grid must start at the objective's sigma_max."""
+    code, err = cli_exit(["--backbone", "mlp", "--objective", "kd", "--teacher", teachers["A"], "--trajectories",
+                          stores["A"], "--out", tmp_path / "kd", "objective.nfe=5", "objective.sigma_max=40", *STUDENT],
+                         capsys)
+    assert code == 2 and err.count("\n") == 1 and "sigma_max=80" in err and "40" in err
+
+
 def test_store_with_fewer_saved_states_than_asked_is_refused(teachers, stores, tmp_path, capsys):
     """dsno asks for K = 4 states of the same teacher / solver / NFE; the store holds 2."""
     code, err = cli_exit(["--backbone", "fno", "--objective", "dsno", "--teacher", teachers["U"],

@@ -110,7 +110,8 @@ def test_generator_shapes_and_noise_labels():
 # ------------------------------------------------------------------------------------------------------- DSNO
 
 def test_loss_by_hand_and_weights():
-    """L = mean_b sum_k w_k mean((x_hat_k - xs_k)^2), w = clamp(1 / sigma, 1, 1e4), x_hat the EDM-preconditioned
+    """L = mean_b sum_k w_k mean((alpha_k (x_hat_k - xs_k))^2), w = clamp(1 / sigma, 1, 1e4), alpha_k = (1 + sigma_k^2)^-1/2,
+    x_hat the EDM-preconditioned
     output at sigma_max with the noise label of each saved time."""
     torch.manual_seed(0)
     teacher = image_mixture_teacher()
@@ -129,7 +130,8 @@ def test_loss_by_hand_and_weights():
         labels = torch.log(torch.tensor([max(s, 0.002) for s in sigmas.tolist()])) / 4
         F_out = dsno.networks["student"].backbone(smax * z / math.sqrt(smax**2 + sd**2), labels.float())
         x_hat = sd**2 / (smax**2 + sd**2) * smax * z[:, None] + smax * sd / math.sqrt(smax**2 + sd**2) * F_out
-        expected = sum(float(dsno.weights[k]) * (x_hat[:, k] - xs[:, k]).square().flatten(1).mean(1)
+        alpha = [1 / math.sqrt(1 + s**2) for s in sigmas.tolist()]  # the paper's VP states
+        expected = sum(float(dsno.weights[k]) * (alpha[k] * (x_hat[:, k] - xs[:, k])).square().flatten(1).mean(1)
                        for k in range(4)).mean()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     assert set(logs) == {"loss", "d_0", "d_1", "d_2", "d_3"}

@@ -256,3 +256,11 @@ def test_make_pairs_bad_input_is_one_line_and_exit_2(teacher_run, tmp_path, caps
         make_pairs.main(base + args)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_stochastic_solvers_are_refused_for_targets(tmp_path):
+    """Distillation targets are the teacher's ODE map (METHODS E.12): an ancestral / SDE sampler is an error."""
+    teacher = GaussianMixtureDenoiser.from_data(GaussianMixtureData(dim=2, components=2, n=8))
+    with pytest.raises(ValueError, match="deterministic solver.*'euler_ancestral' is stochastic"):
+        generate_rollouts(tmp_path / "s", teacher, solver="euler_ancestral", nfe=4, n=8, shape=(2,), progress=False)
+    assert not (tmp_path / "s").exists()
