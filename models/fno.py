@@ -167,16 +167,10 @@ class FNOUNet(UNet):
                          "wraps it as one (dsno), not as a Denoiser")
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
-        if extra:
-            raise ValueError(f"FNOUNet got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels")
+        self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
-        if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"FNOUNet expects x of shape [B, {self.in_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}]; got {list(x.shape)}")
         noise_labels = self._noise_labels(noise_labels, batch)
         K = noise_labels.shape[1]
-        if self.map_label is None and class_labels is not None:
-            raise ValueError("class_labels given to an unconditional FNOUNet (label_dim=0); pass None or set label_dim")
 
         # Embeddings of the B*K slices (b-major): each its own noise label, the class label shared by a sample's K.
         emb = self.map_noise(noise_labels.reshape(batch * K))

@@ -281,19 +281,24 @@ class UNet(nn.Module):
             labels = labels * keep
         return labels
 
-    def forward(self, x, noise_labels, class_labels=None, **extra):
+    def check_inputs(self, x, class_labels, extra):
+        """The input checks every forward of this family makes (x's shape, labels only when conditional)."""
+        name = type(self).__name__
         if extra:
-            raise ValueError(f"UNet got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels")
-        batch = x.shape[0]
+            raise ValueError(f"{name} got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels")
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"UNet expects x of shape [B, {self.in_channels}, {self.img_resolution}, "
+            raise ValueError(f"{name} expects x of shape [B, {self.in_channels}, {self.img_resolution}, "
                              f"{self.img_resolution}]; got {list(x.shape)}")
+        if self.map_label is None and class_labels is not None:
+            raise ValueError(f"class_labels given to an unconditional {name} (label_dim=0); pass None or set label_dim")
+
+    def forward(self, x, noise_labels, class_labels=None, **extra):
+        self.check_inputs(x, class_labels, extra)
+        batch = x.shape[0]
         if noise_labels.ndim == 0:
             noise_labels = noise_labels.expand(batch)
         if noise_labels.shape != (batch,):
             raise ValueError(f"noise_labels must have shape [{batch}]; got {list(noise_labels.shape)}")
-        if self.map_label is None and class_labels is not None:
-            raise ValueError("class_labels given to an unconditional UNet (label_dim=0); pass None or set label_dim")
 
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
