@@ -118,9 +118,9 @@ def fingerprint(module):
     return digest.hexdigest()
 
 
-def shard_seed(seed, index, stream=0):
-    """The 63-bit seed of shard `index`'s random stream number `stream` (0: noise and labels; 1: a solver's own)."""
-    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0]
+def shard_seed(seed, index):
+    """The 63-bit seed of shard `index`'s noise and labels (rollout solvers are deterministic: no other stream)."""
+    state = np.random.SeedSequence([int(seed), int(index), 0]).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
 
 

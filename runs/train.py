@@ -18,6 +18,7 @@ weights as one never stopped.
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -66,7 +67,10 @@ class BatchOrder:
 
 
 def batches(dataset, order, start_step, num_workers):
-    """Yield collated batches for steps start_step, start_step + 1, ..."""
+    """Yield collated batches for steps start_step, start_step + 1, ... A data set with a `batch(indices)` method
+    (the trajectory store: each shard read once per batch) is read through it instead of item by item."""
+    if hasattr(dataset, "batch"):
+        return (dataset.batch(order(step)) for step in itertools.count(start_step))
     class Steps(torch.utils.data.Sampler):
         def __iter__(self):
             step = start_step
