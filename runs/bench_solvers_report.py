@@ -17,12 +17,28 @@ def _grid(rows, key, schedules, nfes):
     return lines
 
 
+def _iterations(rows):
+    """The fits' loss evaluations per Powell start, as found in the rows ('50, 25 (see the csv)' when they differ)."""
+    found = sorted({r["fit_iters"] for r in rows if r.get("fit_iters")}, reverse=True)
+    return "no" if not found else str(found[0]) if len(found) == 1 else ", ".join(map(str, found)) + " (see the csv)"
+
+
 def markdown(result, plot_name):
     setup, rows = result["setup"], result["rows"]
+    gmm = [r for r in rows if r["part"] == "gmm"]
     lines = ["# ODE solvers: error to the exact ODE map, fitted schedules, overhead (runs/bench_solvers.py)", "",
-             f"- {setup['n']} evaluation noises; schedules fitted (solvers.optimise, {setup['opt_iters']} loss "
-             f"evaluations per start) on {setup['opt_n']} OTHER noises; sigma {setup['sigma_max']:g} -> "
-             f"{setup['sigma_min']:g} -> 0; {setup['device']} ({setup['machine']}), torch {setup['torch']}", "",
+             f"- {setup['device']} ({setup['machine']}), torch {setup['torch']}; sigma {setup['sigma_max']:g} -> "
+             f"{setup['sigma_min']:g} -> 0"]
+    if gmm:
+        lines.append(f"- mixtures: {setup['n']} evaluation noises; schedules fitted (solvers.optimise, "
+                     f"{_iterations(gmm)} loss evaluations per Powell start) on {setup['opt_n']} OTHER noises")
+    if "mnist_n" in setup:
+        mnist = [r for r in rows if r["part"] == "mnist"]
+        lines.append(f"- MNIST ({setup['mnist_run']}): {setup['mnist_n']} samples per cell, scored against "
+                     f"{setup['mnist_n']} real digits; schedules fitted ({_iterations(mnist)} loss evaluations "
+                     f"per Powell start) on {setup['mnist_opt_n']} OTHER noises to Heun at {setup['mnist_reference_nfe']} NFE")
+    lines += [f"- {note}" for note in setup.get("notes", [])]
+    lines += ["",
              "## References", "",
              "| data | reference | change when the tolerances halve (max abs) | smallest RMSE reported | "
              "floor: RMSE of x = D(x(sigma_min)) |", "|---|---|---|---|---|"]
@@ -72,37 +88,45 @@ def markdown(result, plot_name):
 
 
 def plot_errors(rows, path, references=()):
-    """Log-log RMSE against NFE, one panel per data set, one colour per solver (solid karras, dashed optimised),
-    the x = D floor dotted grey."""
+    """Log-log RMSE against NFE, one panel per data set (and one of MNIST-FID when there is one), one colour per
+    solver (solid karras, dashed optimised), the x = D floor dotted grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    datas = list(dict.fromkeys(r["data"] for r in rows if r["part"] in ("gmm", "mnist") and r.get("rmse")))
-    if not datas:
+    panels = [(data, "rmse") for data in dict.fromkeys(r["data"] for r in rows
+                                                     if r["part"] in ("gmm", "mnist") and r.get("rmse"))]
+    panels += [("mnist", "fid_mnist")] if any(r.get("fid_mnist") for r in rows) else []
+    if not panels:
         return False
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["data"] in datas and r.get("rmse")))
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if any(r["data"] == d and r.get(k) for d, k in panels)))
     colours = {s: plt.get_cmap("tab10" if len(solvers) <= 10 else "tab20")(i % 20) for i, s in enumerate(solvers)}
     markers = "osD^v<>pP*Xh"
-    fig, axes = plt.subplots(1, len(datas), figsize=(4.6 * len(datas) + 1.8, 4.2), squeeze=False)
-    for ax, data in zip(axes[0], datas):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.8, 4.2), squeeze=False)
+    for ax, (data, key) in zip(axes[0], panels):
         for i, solver in enumerate(solvers):
             for schedule, line in (("karras", "-"), ("optimised", "--")):
-                points = sorted((r["nfe"], r["rmse"]) for r in rows if r["data"] == data and r["solver"] == solver
-                                and r["schedule"] == schedule and r.get("rmse"))
+                points = sorted((r["nfe"], r[key]) for r in rows if r["data"] == data and r["solver"] == solver
+                                and r["schedule"] == schedule and r.get(key))
                 if points:
                     ax.plot(*zip(*points), line, marker=markers[i % len(markers)], color=colours[solver],
                             markersize=3, linewidth=1, label=solver if schedule == "karras" else None)
-        floor = next((r.get("floor_rmse") for r in references if r["data"] == data), None)
+        floor = next((r.get("floor_rmse" if key == "rmse" else "floor_fid_mnist") for r in references
+                     if r["data"] == data), None)
         if floor:
-            ax.axhline(floor, color="grey", linestyle=":", label="floor: x = D at sigma_min")
+            ax.axhline(floor, color="grey", linestyle=":",
+                       label="floor: x = D at sigma_min" if key == "rmse" else "floor: real vs real")
         nfes = sorted({r["nfe"] for r in rows if r["data"] == data})
-        ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to the reference",
-               title=f"{data} (solid karras, dashed optimised)")
+        ax.set(xscale="log", yscale="log", xlabel="NFE",
+               ylabel="RMSE to the reference" if key == "rmse" else "MNIST-FID",
+               title=f"{data} {'RMSE' if key == 'rmse' else 'FID'} (solid karras, dashed optimised)")
         ax.set_xticks(nfes, [str(nfe) for nfe in nfes])
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7)
     fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
