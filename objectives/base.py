@@ -122,6 +122,12 @@ def student_denoiser(backbone, teacher, parameterisation="teacher", sigma_data=N
     return Denoiser(backbone, parameterisation, sigma_data), initialised
 
 
+def one_step_sample(denoiser, z, sigma_max, class_labels=None):
+    """D(sigma_max z, sigma_max): one Euler step from sigma_max to 0 on unit noise z, the sample of a one-step
+    student that is a denoiser (kd's Denoising Student, reflow's distilled flow)."""
+    return denoiser(sigma_max * z, z.new_full((z.shape[0],), sigma_max), class_labels)
+
+
 def time_generator_student(backbone, teacher, sigma_max, sigma_min):
     """A models.generator.TimeGenerator over `backbone` (BOOT's g, DSNO's operator), started from the teacher's
     weights when it has any (a trajectory backbone's extra layers, its TEACHER_FREE_PREFIXES, keep their init)."""

@@ -99,16 +99,18 @@ class BOOT(Objective):
         levels = self.levels.to(device=eps.device, dtype=torch.float64 if eps.dtype == torch.float64 else torch.float32)
         sigma_t, sigma_s = levels[index], levels[index + 1]
         target = self.bootstrap_target(eps, sigma_t, sigma_s, labels)
-        bootstrap = self.distance(student(eps, sigma_s, labels), target)
-        if self.step_normalised:
-            bootstrap = bootstrap / (1 - sigma_s / sigma_t).square()
+        weight = 1 / (1 - sigma_s / sigma_t).square() if self.step_normalised else 1.0
         if self.boundary_weight == 0:
-            return bootstrap, torch.zeros_like(bootstrap)
+            return weight * self.distance(student(eps, sigma_s, labels), target), torch.zeros_like(sigma_s)
         sigma_T = levels[:1].expand(eps.shape[0])
         with torch.no_grad():
             first = self.teacher(append_dims(sigma_T, eps.ndim) * eps, sigma_T,
                                  **({} if labels is None else {"class_labels": labels}))
-        return bootstrap, self.distance(student(eps, sigma_T, labels), first)
+        # both student outputs in one batched call: g(eps, sigma_s) and g(eps, sigma_max)
+        both = student(torch.cat([eps, eps]), torch.cat([sigma_s, sigma_T]),
+                       None if labels is None else torch.cat([labels, labels]))
+        at_s, at_T = both.chunk(2)
+        return weight * self.distance(at_s, target), self.distance(at_T, first)
 
     def loss(self, role, batch, step):
         images, labels = batch[0], batch[-1]  # data-free: only the batch's shape (and labels) are used

@@ -19,7 +19,7 @@ pixels: a constant factor that Adam absorbs). solver, nfe, schedule, sigma_min, 
 makes the pairs (`self.rollouts`, with the names DSNO uses; n pairs). The student is a one-step generator, not a
 denoiser: `denoiser()` is None and `generate` takes exactly nfe = 1.
 """
-from objectives.base import Objective, rollout_plan, student_denoiser
+from objectives.base import Objective, one_step_sample, rollout_plan, student_denoiser
 from objectives.distances import make_distance
 
 
@@ -47,7 +47,7 @@ class KD(Objective):
 
     def student(self, z, class_labels=None):
         """S(z) = D(sigma_max z, sigma_max): the student's one-step sample from unit noise z."""
-        return self.networks["student"](self.sigma_max * z, z.new_full((z.shape[0],), self.sigma_max), class_labels)
+        return one_step_sample(self.networks["student"], z, self.sigma_max, class_labels)
 
     def loss(self, role, batch, step):
         z, xs, labels = batch

@@ -48,9 +48,9 @@ weights:
 import torch
 
 from models.noise import append_dims, flow_sigma, flow_t
-from objectives.base import Objective, choose, pick, rollout_plan, student_denoiser
+from objectives.base import Objective, choose, one_step_sample, pick, rollout_plan, student_denoiser
 from objectives.distances import make_distance
-from solvers import SCHEDULES, SOLVERS, euler_step, options_for_nfe, schedule_kwargs, sigmas_for_nfe
+from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 MODES = ("flow", "distill")
 
@@ -92,8 +92,7 @@ class Reflow(Objective):
         labels = labels if self.conditional else None
         student, distance = self.networks["student"], self.distance
         if self.mode == "distill":
-            x0_hat = student(self.sigma_max * z, z.new_full((z.shape[0],), self.sigma_max), labels)
-            loss = distance(x0_hat, x0).mean()
+            loss = distance(one_step_sample(student, z, self.sigma_max, labels), x0).mean()
             return loss, {"loss": loss.detach()}
         t = self.t_min + (self.t_max - self.t_min) * torch.rand(z.shape[0], device=z.device, dtype=z.dtype)
         sigma = append_dims(flow_sigma(t), z.ndim)
@@ -111,6 +110,6 @@ class Reflow(Objective):
         if self.mode == "distill":
             if nfe != 1:
                 raise ValueError(f"reflow mode=distill samples in exactly one step (nfe=1); got nfe={nfe}")
-            return euler_step(student, self.sigma_max * z, self.sigma_max, 0.0, cond)[0]  # = D(sigma_max z)
+            return one_step_sample(student, z, self.sigma_max, (cond or {}).get("class_labels"))
         sigmas = sigmas_for_nfe(self.solver, nfe, self.schedule, **self.schedule_kwargs).to(z.device)
         return self.solver(student, z * sigmas[0], sigmas, cond=cond, **options_for_nfe(self.solver, nfe))
