@@ -56,6 +56,12 @@ class Objective:
     def phases(self, step):
         return list(self.networks)
 
+    def fresh_optimizer(self, role, step):
+        """True where the loop should clear `role`'s optimiser state before this step (Adam's moments and step
+        count start again), e.g. at a progressive-distillation stage boundary. A pure function of the step, so a
+        resumed run clears at the same steps."""
+        return False
+
     def loss(self, role, batch, step):
         raise NotImplementedError(f"{type(self).__name__} does not define loss() for role {role!r}")
 

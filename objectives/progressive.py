@@ -27,9 +27,10 @@ the student's current weights becomes the teacher, and the student keeps trainin
 paper starts each new student as a copy of the new teacher, which is the same thing). The stage is a pure function
 of the training step; the switch happens in loss() at the first step of a stage, and steps after the last stage keep
 training it. state_dict() / load_state_dict() hold the stage and the teacher copy, so a resumed run is exact.
-Deviations from the paper: the training loop owns the optimiser, so Adam's moments carry over from one stage to the
-next (the paper's fresh student per stage implies a fresh optimiser), and the learning-rate schedule is the loop's
-(the paper anneals the learning rate linearly within each stage); the copy is of the training weights, not the EMA.
+The paper's fresh student per stage implies a fresh optimiser: at each stage boundary the loop clears Adam's moments
+(`fresh_optimizer`; fresh_optimizer_per_stage=False keeps them). Deviations from the paper: the learning-rate
+schedule is the loop's (the paper anneals the learning rate linearly within each stage); the copy is of the training
+weights, not the EMA.
 
 Student: Denoiser(backbone, parameterisation, sigma_data) initialised from the teacher (objectives.base.
 init_from_teacher; an analytic teacher leaves it at random init). parameterisation="teacher" keeps the teacher's
@@ -91,7 +92,7 @@ class Progressive(Objective):
 
     def __init__(self, backbone, teacher=None, parameterisation="teacher", sigma_data=None, weighting="truncated_snr",
                  distance="mse", start_steps=64, end_steps=1, steps_per_stage=50000, final_stages_factor=2,
-                 sigma_min=0.002, sigma_max=80.0, rho=7.0):
+                 sigma_min=0.002, sigma_max=80.0, rho=7.0, fresh_optimizer_per_stage=True):
         super().__init__()
         if teacher is None:
             raise ValueError("progressive needs a teacher: pass --teacher RUN (a trained denoiser) or an analytic one")
@@ -117,6 +118,7 @@ class Progressive(Objective):
         self.stage = 0                  # the stage of the last loss() call
         self.stage_teacher = None       # frozen copy of the student, the teacher of stages >= 1
         self._grids = {}
+        self.fresh_optimizer_per_stage = bool(fresh_optimizer_per_stage)
 
     def _stage_lengths(self, steps_per_stage, final_stages_factor, start_steps):
         if isinstance(steps_per_stage, (list, tuple)):
@@ -143,6 +145,9 @@ class Progressive(Objective):
 
     def teacher_steps(self, stage=None):
         return self.start_steps >> (self.stage if stage is None else stage)
+
+    def fresh_optimizer(self, role, step):
+        return self.fresh_optimizer_per_stage and step in self.stage_starts[1:]
 
     def current_teacher(self):
         return self.teacher if self.stage == 0 else self.stage_teacher

@@ -189,6 +189,8 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
         batch = tuple(t.to(device, non_blocking=True) for t in next(data))  # (x0, labels) or (z, xs, labels)
         lr = learning_rate(step, s)
         for role in objective.phases(step):
+            if objective.fresh_optimizer(role, step):
+                optimizers[role].state.clear()
             for group in optimizers[role].param_groups:
                 group["lr"] = lr
             with autocast(device, s.amp):

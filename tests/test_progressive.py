@@ -225,3 +225,15 @@ def test_swap_copies_the_module_inside_a_ddp_like_wrapper():
     pd.loss("student", (torch.randn(4, 2), torch.zeros(4, dtype=torch.long)), step=1)
     assert type(pd.current_teacher()) is Denoiser and pd.current_teacher() is not student
     assert set(pd.state_dict()["teacher"]) == set(student.state_dict())
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_each_stage_starts_with_a_fresh_optimiser(tmp_path, fresh):
+    """Stages start at steps 0 and 2 (start_steps 4, 2 steps each): after 3 steps Adam has counted 1 step since the
+    boundary cleared it, or all 3 with fresh_optimizer_per_stage=False."""
+    from runs.checkpoint import load_checkpoint
+    from runs.train import train
+    from tests.test_distill_runs import objective_config
+    train(objective_config("progressive", "train.steps=3", f"objective.fresh_optimizer_per_stage={fresh}"), tmp_path)
+    adam = load_checkpoint(tmp_path)["optimizers"]["student"]["state"]
+    assert adam and {float(state["step"]) for state in adam.values()} == {1.0 if fresh else 3.0}
