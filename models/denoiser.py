@@ -69,10 +69,14 @@ class Denoiser(nn.Module):
     def label_dim(self):
         return getattr(self.backbone, "label_dim", 0)
 
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) at sigma (a subclass may change them: models.consistency)."""
+        return preconditioning(self.parameterisation, sigma, self.sigma_data)
+
     def raw(self, x, sigma, class_labels=None, **extra):
         """(F, c_skip, c_out) with sigma broadcast against x; F is the backbone's output in float32."""
         sigma = append_dims(sigma_batch(sigma, x), x.ndim)
-        c_skip, c_out, c_in, c_noise = preconditioning(self.parameterisation, sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         x_in = (c_in * x).to(torch.float32)
         F = self.backbone(x_in, c_noise.flatten().to(torch.float32), class_labels, **extra)
         return F.to(x.dtype if x.dtype == torch.float64 else torch.float32), c_skip, c_out

@@ -1,8 +1,11 @@
 """Training objectives, one file per method. OBJECTIVES is open: OBJECTIVES["mine"] = MyObjective."""
 from objectives.base import Objective, pick
 from objectives.boot import BOOT
+from objectives.cd import CD
+from objectives.ct import CT
 from objectives.dsm import DSM
 from objectives.dsno import DSNO
+from objectives.ict import ICT
 from objectives.kd import KD
 from objectives.progressive import Progressive
 from objectives.reflow import Reflow
@@ -14,4 +17,7 @@ OBJECTIVES = {
     "reflow": Reflow,
     "boot": BOOT,
     "dsno": DSNO,
+    "cd": CD,
+    "ct": CT,
+    "ict": ICT,
 }

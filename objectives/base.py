@@ -6,19 +6,34 @@ each role; the training loop owns optimisers, EMA, AMP, clipping, DDP and checkp
     loss(role, batch, step) -> (scalar Tensor, dict)    the loss of one role and what to log
     generate(z, nfe, cond=None) -> Tensor               how the trained model samples from unit noise z
     denoiser() -> D(x, sigma, **cond) or None           a denoiser any solver can sample, when the method has one
+    after_step(role, step)                              after the role's optimiser step (a target EMA, say)
+    fresh_optimizer(role, step) -> bool                 clear the role's optimiser state before this step
 
 Objectives call their networks through `self.networks[role]` at call time, so the loop can swap in EMA weights,
 DDP or compiled wrappers without the objective knowing; facts about a network (its parameterisation, whether it takes
 labels) are recorded at construction, since a wrapper does not expose the module's attributes.
 """
 import contextlib
+import functools
 
 import torch
 
 from data.trajectories import saved_sigmas
 from models.denoiser import Denoiser
 from models.generator import TimeGenerator
-from solvers import SCHEDULES, SOLVERS, schedule_kwargs, sigmas_for_nfe
+from solvers import (SCHEDULES, SOLVERS, ddim_step, dpm_solver_step, dpmpp_2s_step, euler_step, heun_step,
+                     schedule_kwargs, sigmas_for_nfe)
+
+
+# One-step ODE updates an objective takes with its teacher (BOOT's signal step, consistency distillation's
+# x_lo): (x_next, x0_hat) = step(teacher, x, sigma, sigma_next, cond=...), sigmas as floats or [B] tensors.
+TEACHER_STEPS = {
+    "euler": euler_step,
+    "ddim": ddim_step,
+    "heun": heun_step,
+    "dpmpp_2s": dpmpp_2s_step,
+    "dpm_solver_2": functools.partial(dpm_solver_step, order=2),
+}
 
 
 def pick(registry, name, what):
@@ -56,6 +71,9 @@ class Objective:
     def phases(self, step):
         return list(self.networks)
 
+    def after_step(self, role, step):
+        """Called by the loop after `role`'s optimiser step at `step` (e.g. a consistency model's target EMA)."""
+
     def fresh_optimizer(self, role, step):
         """True where the loop should clear `role`'s optimiser state before this step (Adam's moments and step
         count start again), e.g. at a progressive-distillation stage boundary. A pure function of the step, so a
@@ -80,6 +98,17 @@ class Objective:
             elif isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self
+
+
+def unwrap(net):
+    """The module inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(getattr(net, "module", None), torch.nn.Module):
+            net = net.module
+        elif isinstance(getattr(net, "_orig_mod", None), torch.nn.Module):
+            net = net._orig_mod
+        else:
+            return net
 
 
 def init_from_teacher(student_backbone, teacher, allow_missing=()):

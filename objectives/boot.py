@@ -36,23 +36,12 @@ bootstrap term's fixed point is the teacher's signal (up to the step's truncatio
 
 Sampling: one call g(z, sigma_min), the grid's last nonzero level, where y ~ x0.
 """
-import functools
-
 import torch
 
 from models.noise import append_dims
-from objectives.base import Objective, pick, time_generator_student
+from objectives.base import TEACHER_STEPS, Objective, pick, time_generator_student
 from objectives.distances import make_distance
-from solvers import ddim_step, dpm_solver_step, dpmpp_2s_step, euler_step, get_schedule, heun_step, schedule_kwargs
-
-TEACHER_STEPS = {
-    "euler": euler_step,
-    "ddim": ddim_step,
-    "heun": heun_step,
-    "dpmpp_2s": dpmpp_2s_step,
-    "dpm_solver_2": functools.partial(dpm_solver_step, order=2),
-}
-
+from solvers import get_schedule, schedule_kwargs
 
 class BOOT(Objective):
     """BOOT (Gu et al. 2023): a one-step generator trained data-free on the teacher's signal ODE by bootstrapping."""

@@ -41,10 +41,9 @@ import copy
 import math
 
 import torch
-from torch import nn
 
 from models.noise import append_dims
-from objectives.base import Objective, choose, student_denoiser
+from objectives.base import Objective, choose, student_denoiser, unwrap
 from objectives.distances import make_distance
 from solvers import SOLVERS, euler_step
 
@@ -68,17 +67,6 @@ def distillation_target(teacher, x, sigma, sigma_mid, sigma_next, cond=None):
     x_next, _ = euler_step(teacher, x_mid, sigma_mid, sigma_next, cond)
     ratio = append_dims(sigma_next / sigma, x.ndim).to(x_next.dtype)
     return (x_next - ratio * x) / (1 - ratio), x_next
-
-
-def unwrap(net):
-    """The module inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if isinstance(getattr(net, "module", None), nn.Module):
-            net = net.module
-        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):
-            net = net._orig_mod
-        else:
-            return net
 
 
 def _power_of_two(n):

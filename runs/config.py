@@ -161,6 +161,8 @@ def resolve(config):
         raise ValueError(f"unknown config section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     resolved = {s: resolve_component(s, config.get(s, {})) for s in ("backbone", "objective", "data")}
     resolved["train"] = resolve_train(config.get("train", {}))
+    if resolved["objective"].get("total_steps", 0) is None:  # a curriculum's length K (ct, ict): the run's steps
+        resolved["objective"]["total_steps"] = resolved["train"]["steps"]
     teacher = resolve_teacher(config.get("teacher", {}), resolved["objective"]["name"])
     if teacher is not None:
         resolved["teacher"] = teacher

@@ -33,6 +33,7 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
     dataset = build_dataset(config)
     conditional = config["train"]["conditional"]
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed + 1)  # what a stochastic `generate` draws (multistep consistency sampling) is per --seed too
     if conditional and labels is None:
         labels = torch.randint(0, dataset.num_classes, (n,), generator=generator)
     denoiser = objective.denoiser()

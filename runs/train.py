@@ -204,6 +204,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             scaler.update()
             update_ema(ema[role], nets[role], ema_beta((step + 1) * s.batch_size, s.batch_size,
                                                        s.ema_halflife_kimg, s.ema_rampup))
+            objective.after_step(role, step)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
             for key, value in logs.items():
                 sums[f"{role}/{key}"] = sums.get(f"{role}/{key}", 0) + value.detach().float()

@@ -12,6 +12,7 @@ users: SOLVERS["mine"] = my_sampler.
 import inspect
 
 from .common import CountingDenoiser
+from .consistency import consistency_step, sample_consistency
 from .ddim import ddim_step, sample_ddim
 from .dpm_solver import dpm_solver_step, sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3
 from .dpmpp import (dpmpp_2m_sde_step, dpmpp_2m_step, dpmpp_2s_step, dpmpp_3m_step, sample_dpmpp_2m,
