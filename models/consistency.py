@@ -12,8 +12,8 @@ copy of an EDM teacher's backbone starts close to the teacher's denoiser (the pa
 It is a models.denoiser.Denoiser with other coefficients: it takes (x, sigma[, class_labels]) and returns an
 estimate of the ODE trajectory's end point x(eps) rather than the posterior mean.
 """
-from models.denoiser import Denoiser
-from models.noise import edm_log_noise_label
+from models.denoiser import Denoiser, preconditioning
+from models.noise import append_dims, edm_log_noise_label, sigma_batch
 
 
 def consistency_preconditioning(sigma, sigma_data=0.5, sigma_min=0.002):
@@ -36,3 +36,22 @@ class ConsistencyFunction(Denoiser):
 
     def coefficients(self, sigma):
         return consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)
+
+
+class BoundaryShifted:
+    """f(x, sigma) from an EDM-parameterised denoiser D trained without the boundary shift (ECT trains the plain EDM
+    coefficients and switches to the shifted ones to sample): D = c_skip x + c_out F gives F, and
+
+        f = c_skip' x + (c_out' / c_out) (D(x, sigma) - c_skip x)        (primes: consistency_preconditioning)
+
+    so every evaluation is one call of D (a wrapper that counts D's calls still counts them)."""
+
+    def __init__(self, denoiser, sigma_data=0.5, sigma_min=0.002):
+        self.denoiser, self.sigma_data, self.sigma_min = denoiser, float(sigma_data), float(sigma_min)
+
+    def __call__(self, x, sigma, class_labels=None):
+        denoised = self.denoiser(x, sigma, class_labels)
+        sigma = append_dims(sigma_batch(sigma, x), x.ndim)
+        c_skip, c_out = preconditioning("edm", sigma, self.sigma_data)[:2]
+        shifted_skip, shifted_out = consistency_preconditioning(sigma, self.sigma_data, self.sigma_min)[:2]
+        return shifted_skip * x + (shifted_out / c_out) * (denoised - c_skip * x)

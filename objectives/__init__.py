@@ -5,6 +5,7 @@ from objectives.cd import CD
 from objectives.ct import CT
 from objectives.dsm import DSM
 from objectives.dsno import DSNO
+from objectives.ect import ECT
 from objectives.ict import ICT
 from objectives.kd import KD
 from objectives.progressive import Progressive
@@ -20,4 +21,5 @@ OBJECTIVES = {
     "cd": CD,
     "ct": CT,
     "ict": ICT,
+    "ect": ECT,
 }

@@ -60,7 +60,8 @@ class ConsistencyObjective(Objective):
             init_from_teacher(backbone, teacher)
             sigma_data = teacher_preconditioning(teacher, "edm", None)[1]
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
-        self.networks["student"] = ConsistencyFunction(backbone, sigma_data, self.sigma_min)
+        self.sigma_data = float(sigma_data)
+        self.networks["student"] = self.make_student(backbone, self.sigma_data)
         self.conditional = bool(getattr(backbone, "label_dim", 0))
         self.distance = make_distance(distance)
         self.sample_sigmas = [float(s) for s in sample_sigmas]
@@ -72,6 +73,9 @@ class ConsistencyObjective(Objective):
         self._grids = {}
 
     # -- what a method chooses
+
+    def make_student(self, backbone, sigma_data):
+        return ConsistencyFunction(backbone, sigma_data, self.sigma_min)
 
     def grid_size(self, step):
         raise NotImplementedError
@@ -107,12 +111,20 @@ class ConsistencyObjective(Objective):
             return student
         return self.target.train(student.training)  # train mode: the same dropout as the student's pass
 
+    def levels(self, n, device, step):
+        """(sigma_hi, sigma_lo) [n]: adjacent levels of the Karras grid of grid_size(step), drawn by draw_intervals."""
+        grid = self.grid(self.grid_size(step), device)
+        index = self.draw_intervals(n, grid, device)
+        return grid[index], grid[index + 1]
+
+    def target_values(self, x_lo, sigma_lo, x0, labels, step):
+        """SG f_theta-(x_lo, sigma_lo), evaluated under no_grad with the online pass's dropout mask."""
+        return self.target_network(step)(x_lo, sigma_lo, labels)
+
     def loss(self, role, batch, step):
         x0, labels = batch[0], batch[-1]
         labels = labels if self.conditional else None
-        grid = self.grid(self.grid_size(step), x0.device)
-        index = self.draw_intervals(x0.shape[0], grid, x0.device)
-        sigma_hi, sigma_lo = grid[index], grid[index + 1]
+        sigma_hi, sigma_lo = self.levels(x0.shape[0], x0.device, step)
         z = torch.randn_like(x0)
         x_hi = x0 + append_dims(sigma_hi, x0.ndim) * z
         with torch.no_grad():
@@ -120,7 +132,7 @@ class ConsistencyObjective(Objective):
         draws = random_state(x0.device)
         online = self.networks["student"](x_hi, sigma_hi, labels)
         with torch.no_grad(), replayed_random_draws(draws, x0.device):  # one dropout mask for both passes
-            target = self.target_network(step)(x_lo, sigma_lo, labels)
+            target = self.target_values(x_lo, sigma_lo, x0, labels, step)
         loss = (self.weight(sigma_hi, sigma_lo) * self.distance(online, target)).mean()
         return loss, {"loss": loss.detach()}
 
@@ -133,6 +145,10 @@ class ConsistencyObjective(Objective):
         if self.target is None:
             self.target = copy.deepcopy(unwrap(student)).requires_grad_(False)
         update_ema(self.target, student, mu)
+
+    def consistency_function(self):
+        """The f(x, sigma) that samples: the student itself (ect: its boundary-shifted evaluation)."""
+        return self.networks["student"]
 
     def state_dict(self):
         return {} if self.target is None else {"target": {k: v.detach().clone()
@@ -150,5 +166,5 @@ class ConsistencyObjective(Objective):
             karras(nfe + 1, self.sigma_min, self.sigma_max, self.rho)[1:-2].tolist()
         sigmas = torch.tensor([self.sigma_max, *levels, 0.0], dtype=torch.float64)
         labels = (cond or {}).get("class_labels") if self.conditional else None
-        return sample_consistency(self.networks["student"], self.sigma_max * z, sigmas,
+        return sample_consistency(self.consistency_function(), self.sigma_max * z, sigmas,
                                   cond=None if labels is None else {"class_labels": labels}, sigma_min=self.sigma_min)

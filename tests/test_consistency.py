@@ -9,12 +9,13 @@ from torch import nn
 
 from data.mixtures import gaussian_mixture_params
 from models.analytic import GaussianMixtureDenoiser
-from models.consistency import ConsistencyFunction
+from models.consistency import BoundaryShifted, ConsistencyFunction
 from models.denoiser import Denoiser, preconditioning
 from models.mlp import MLP
 from objectives.cd import CD
 from objectives.consistency import random_state, replayed_random_draws
 from objectives.ct import CT
+from objectives.ect import ECT
 from objectives.ict import ICT
 from solvers import CountingDenoiser, heun_step, sample_consistency, sample_heun, sigmas_for_nfe
 
@@ -121,6 +122,26 @@ def test_bad_settings_are_one_line_errors():
         ICT(random_mlp(0), total_steps=10, sample_sigmas=[0.5, 2.0])
 
 
+def test_ect_levels_target_and_shifted_sampling():
+    ect = ECT(random_mlp(0), teacher=mixture(), stage_steps=10)
+    t = torch.tensor([0.5, 1.9, 2.0, 10.0])
+    shrink0 = 0.5 * (1 + 8 * torch.sigmoid(-t))
+    torch.testing.assert_close(ect.r_of_t(t, 0), (t * (1 - shrink0)).clamp_min(0))
+    assert torch.equal(ect.r_of_t(t, 9)[:2], torch.zeros(2)) and ect.r_of_t(t, 9)[2] > 0  # r = 0 below ln 7
+    torch.testing.assert_close(ect.r_of_t(t, 10), (t * (1 - 0.25 * (1 + 8 * torch.sigmoid(-t)))).clamp_min(0))  # stage 1
+    x0, x_lo = torch.randn(4, 2), torch.randn(4, 2)
+    target = ect.target_values(x_lo, torch.tensor([0.0, 0.3, 0.0, 2.0]), x0, None, 0)
+    assert torch.equal(target[[0, 2]], x0[[0, 2]])
+    torch.testing.assert_close(target[[1, 3]], ect.networks["student"](x_lo, torch.tensor([0.3, 0.3, 2.0, 2.0]))[[1, 3]])
+    # sampling: the student's D through the shifted coefficients is the consistency function of the same backbone
+    shifted = BoundaryShifted(Denoiser(random_mlp(3)), 0.5, 0.002)
+    same = ConsistencyFunction(random_mlp(3), 0.5, 0.002)
+    x = torch.randn(5, 2, dtype=torch.float64) * 4
+    for sigma in (0.002, 0.05, 1.0, 80.0):
+        torch.testing.assert_close(shifted(x, sigma), same(x, sigma), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shifted(x, 0.002), x)
+
+
 # -- the shared machinery
 
 
@@ -183,21 +204,23 @@ def run(objective, steps, seed=0, lr=3e-3):
     return objective
 
 
-@pytest.mark.parametrize("name", ["cd", "ict"])
+@pytest.mark.parametrize("name", ["cd", "ict", "ect"])
 def test_short_runs_learn_the_exact_ode_map_in_one_step(name):
     """A 4-component 2-D mixture; the exact map z -> x0 by a fine Heun solve of the exact denoiser. CD (the
-    analytic teacher) and iCT (no teacher) beat the teacher's own 1-NFE Euler step D(80 z, 80) by far."""
+    analytic teacher), iCT and ECT (no teacher weights to start from) beat the teacher's own 1-NFE Euler step
+    D(80 z, 80) by far."""
     teacher = mixture().float()
     z = torch.randn(512, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = sample_heun(teacher.double(), 80.0 * z.double(), sigmas_for_nfe("heun", 79)).float()
         euler = (teacher(80.0 * z, 80.0) - exact).norm(dim=1).mean()
     backbone = MLP(dim=2, hidden=64, num_blocks=2, emb_channels=32)
-    objective = (CD(backbone, teacher=teacher) if name == "cd" else ICT(backbone, total_steps=600, s1=160))
+    objective = {"cd": lambda: CD(backbone, teacher=teacher), "ict": lambda: ICT(backbone, total_steps=600, s1=160),
+                 "ect": lambda: ECT(backbone, teacher=teacher, stage_steps=100)}[name]()  # ect: random init here
     run(objective, 600)
     with torch.no_grad():
         error = (objective.generate(z, 1) - exact).norm(dim=1).mean()
-    assert error < (0.35 if name == "cd" else 0.7) * euler, (float(error), float(euler))
+    assert error < {"cd": 0.35, "ict": 0.7, "ect": 0.75}[name] * euler, (float(error), float(euler))
 
 
 # -- through the training loop

@@ -39,6 +39,7 @@ OBJECTIVES = {  # name: (flags, overrides, learns from rollouts)
                        VECTOR + ["objective.mode=distill", "objective.rollout_n=256", "objective.rollout_nfe=5"], True),
     "boot": (["--backbone", "mlp", "--objective", "boot"], VECTOR + ["objective.num_steps=8"], False),
     "cd": (["--backbone", "mlp", "--objective", "cd"], VECTOR + ["objective.num_levels=6"], False),
+    "ect": (["--backbone", "mlp", "--objective", "ect"], VECTOR + ["objective.stage_steps=2"], False),
     # heun at NFE 7 is a grid of 4 steps: room for dsno's default K = 4 saved states
     "dsno": (["--backbone", "fno", "--objective", "dsno", "--data", "gmm"],
              IMAGE + ["objective.n=256", "objective.nfe=7"], True),
