@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from objectives import OBJECTIVES
 from objectives.base import using_networks
 from runs.cli import cli_errors, pick_device
 from runs.train import make_config, parse_args, train
@@ -48,6 +49,10 @@ METHODS = {
     "reflow_distill": ("reflow", "unet", lambda steps: ["objective.mode=distill"]),
     "boot": ("boot", "unet", lambda steps: []),
     "dsno": ("dsno", "fno", lambda steps: []),
+    "cd": ("cd", "unet", lambda steps: []),
+    "ct": ("ct", "unet", lambda steps: []),      # no teacher: trained on the data set's samples
+    "ict": ("ict", "unet", lambda steps: []),    # no teacher
+    "ect": ("ect", "unet", lambda steps: [f"objective.stage_steps={max(1, steps // 8)}"]),  # 8 stages, as 200k / 25k
 }
 MIXTURE_DATA = ["--data", "gmm", "data.dim=64", "data.components=8", "data.image_shape=[1,8,8]", "data.n=20000"]
 MIXTURE_NET = ["backbone.model_channels=32", "backbone.channel_mult=[1,2]", "backbone.num_blocks=1",
@@ -79,16 +84,18 @@ def teacher_errors(teacher, z, reference, nfes, sigma_max=80.0):
 def train_method(method, flags, settings, run_dir, steps):
     """Train one method: `flags` are command-line options (--teacher ...), `settings` section.key=value overrides."""
     objective_name, backbone, extra = METHODS[method]
+    quiet = ["teacher.eval_n=0"] if OBJECTIVES[objective_name].needs_teacher else []
     args = ["--objective", objective_name, "--backbone", backbone, *flags, "--out", str(run_dir),  # options first:
-            *extra(steps), f"train.steps={steps}", "train.sample_every=0", "teacher.eval_n=0", *settings]  # argparse
+            *extra(steps), f"train.steps={steps}", "train.sample_every=0", *quiet, *settings]  # argparse
     config = make_config(parse_args(args))[0]
     tic = time.time()
     objective, ema = train(config, run_dir)
     return config, objective, ema, time.time() - tic
 
 
-def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_distill", settings=(), seed=0):
-    """`steps`: {method: training steps}."""
+def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_distill", settings=(), seed=0,
+                  append=False):
+    """`steps`: {method: training steps}; append=True keeps <out>.json's rows and (re)measures only `methods`."""
     from data.mixtures import GaussianMixtureData
     from models.analytic import GaussianMixtureDenoiser
     from solvers.reference import reference_solution
@@ -101,6 +108,18 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
     rows = [{"method": "teacher", "solver": best, "nfe": nfe, "map_rmse": round(err, 5),
              "teacher_map_rmse_same_nfe": round(err, 5), "train_steps": "", "train_seconds": "", "objective": ""}
             for nfe, (best, err, _) in baseline.items()]
+    appended = []
+    if append:
+        before = json.loads(Path(out).with_suffix(".json").read_text())
+        if before["n_eval"] != n_eval:
+            raise ValueError(f"--append: {out}.json holds n={before['n_eval']}, not n={n_eval}")
+        kept = [r for r in before["rows"] if r["method"] not in methods]
+        if [r["map_rmse"] for r in kept if r["method"] == "teacher"] != [r["map_rmse"] for r in rows]:
+            raise ValueError(f"--append: {out}.json's teacher rows differ from this reference; re-run without --append")
+        rows = kept
+        appended = before.get("appended", []) + [{"methods": list(methods), "settings": list(settings),
+                                                  **machine(device)}]
+        settings_before = before["settings"]
     for method in methods:
         config, objective, ema, seconds = train_method(method, MIXTURE_DATA[:2], [*MIXTURE_DATA[2:], *MIXTURE_NET,
                                                        f"train.device={device}", *settings],
@@ -114,8 +133,9 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
                      "teacher_map_rmse_same_nfe": round(baseline[nfe][1], 5), "train_steps": steps[method],
                      "train_seconds": round(seconds, 1), "objective": dict(config["objective"])})
         print(rows[-1], flush=True)
-    summary = {"part": "mixture", "settings": list(settings), "n_eval": n_eval, "data": "gmm dim 64 (1x8x8), 8 components",
-               "reference": "DOP853 rtol=atol=1e-10 (exact teacher)", **machine(device), "rows": rows}
+    summary = {"part": "mixture", "settings": settings_before if append else list(settings), "n_eval": n_eval,
+               "data": "gmm dim 64 (1x8x8), 8 components", "reference": "DOP853 rtol=atol=1e-10 (exact teacher)",
+               **machine(device), "rows": rows, **({"appended": appended} if appended else {})}
     write(out, summary, mixture_markdown(summary))
     return summary
 
@@ -150,13 +170,20 @@ def mixture_markdown(s):
         ratio = r["map_rmse"] / r["teacher_map_rmse_same_nfe"] if r["teacher_map_rmse_same_nfe"] else float("nan")
         lines.append(f"| {name} | {r['nfe']} | {r['map_rmse']:.4g} | {r['teacher_map_rmse_same_nfe']:.4g} | "
                      f"{ratio:.3g} | {r['train_steps']} | {r['train_seconds']} |")
+    lines += ["", "ct and ict use no teacher: they train on the mixture's samples and are scored against the same "
+              "exact ODE map (the data's own). The analytic teacher has no weights, so ect (and cd) start from "
+              "random weights here."] if any(r["method"] in ("ct", "ict", "ect") for r in s["rows"]) else []
+    for extra in s.get("appended", []):
+        lines += ["", f"Measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
+                      f"{extra['settings'] or 'none'}; {extra['machine']})."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m runs.bench distill", description=__doc__.splitlines()[0])
     p.add_argument("part", choices=["mixture", "mnist"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(METHODS),
+                   help="default: all (mixture), those with a teacher (mnist)")
     p.add_argument("--steps", type=int, default=2000, help="training steps per method")
     p.add_argument("--method-steps", nargs="*", default=[], metavar="METHOD=STEPS",
                    help="per-method step budgets overriding --steps (the costlier methods get fewer on a CPU)")
@@ -166,12 +193,16 @@ def main(argv=None):
     p.add_argument("--teacher", default="bench/mnist_teacher.pt")
     p.add_argument("--trajectories", help="mnist: a store from runs.make_pairs (save_sigmas >= 4 serves dsno too)")
     p.add_argument("--out")
-    p.add_argument("--append", action="store_true", help="mnist: keep <out>.json's rows, (re)measure only --methods")
+    p.add_argument("--append", action="store_true", help="keep <out>.json's rows, (re)measure only --methods")
+    p.add_argument("--extra-nfes", type=int, nargs="*", default=[],
+                   help="mnist: also score students that can sample with these NFE (consistency models: 2)")
     p.add_argument("--runs-dir", default="out/bench_distill", help="where the students' run directories go")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     with cli_errors():
         device = pick_device(args.device)
+        if args.methods is None:
+            args.methods = [m for m in METHODS if args.part == "mixture" or OBJECTIVES[METHODS[m][0]].needs_teacher]
         steps = {m: args.steps for m in args.methods}
         for item in args.method_steps:
             name, _, value = item.partition("=")
@@ -180,8 +211,13 @@ def main(argv=None):
             steps[name] = int(value)
         if args.part == "mixture":
             bench_mixture(args.out or "bench/distill_mixture", steps, args.n, device, args.methods, args.runs_dir,
-                          args.set)
+                          args.set, append=args.append)
         else:
+            free = [m for m in args.methods if not OBJECTIVES[METHODS[m][0]].needs_teacher]
+            if free:
+                raise ValueError(f"distill mnist trains students of --teacher; {', '.join(free)} take no teacher "
+                                 f"(the mixture part runs them)")
             from runs.bench_distill_mnist import bench_mnist
             bench_mnist(args.out or "bench/distill_mnist", args.teacher, args.trajectories, steps, args.n,
-                        device, args.methods, args.runs_dir, args.set, append=args.append)
+                        device, args.methods, args.runs_dir, args.set, append=args.append,
+                        extra_nfes=args.extra_nfes)

@@ -24,6 +24,7 @@ TEACHER_ROWS = [("heun", 35)] + [(s, n) for n in TEACHER_NFES if n != 35 for s i
 def generate_samples(objective, ema, nfe, n, shape, conditional, num_classes, device, seed=0, batch=250):
     """(samples [n, ...], images per second) of a trained student, labels cycling through the classes."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed + 1)  # what a stochastic generate draws (multistep consistency sampling)
     out, seconds = [], 0.0
     with using_networks(objective, ema), torch.inference_mode():
         for start in range(0, n, batch):
@@ -38,9 +39,10 @@ def generate_samples(objective, ema, nfe, n, shape, conditional, num_classes, de
 
 
 def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs_dir="out/bench_distill", settings=(),
-                seed=0, append=False):
+                seed=0, append=False, extra_nfes=()):
     """`steps`: {method: training steps}. The summary is rewritten after every row, so an interrupted bench keeps
-    what it measured; append=True keeps <out>.json's rows (teacher rows included) and (re)measures only `methods`."""
+    what it measured; append=True keeps <out>.json's rows (teacher rows included) and (re)measures only `methods`;
+    extra_nfes adds rows at those NFE for students that sample with more than their eval_nfe (consistency models)."""
     reference = reference_split(default_reference(), n, seed)[0]
     fid = functools.partial(METRICS["fid-mnist"], net=load_mnist_feature_net(device=device), device=device)
     summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
@@ -74,14 +76,19 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
         own = progressive_stages(steps[method], start_steps=16) if method == "progressive" else []
         config, objective, ema, seconds = train_method(method, ["--teacher", str(teacher_path), *extra],
                                                        common + own, run_dir, steps[method])
-        nfe = int(getattr(objective, "eval_nfe", 1))
         dataset = DATASETS[config["data"]["name"]]()
-        samples, rate = generate_samples(objective, ema, nfe, n, dataset.shape, config["train"]["conditional"],
-                                         dataset.num_classes, device, seed)
-        save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
-        add({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
-             "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
-             "objective": dict(config["objective"])})
+        own_nfe = int(getattr(objective, "eval_nfe", 1))
+        for nfe in [own_nfe, *sorted(n for n in set(extra_nfes) if n > own_nfe)]:
+            try:
+                samples, rate = generate_samples(objective, ema, nfe, n, dataset.shape, config["train"]["conditional"],
+                                                 dataset.num_classes, device, seed)
+            except ValueError:  # a student that samples with exactly one NFE
+                continue
+            if nfe == own_nfe:
+                save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
+            add({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
+                 "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
+                 "objective": dict(config["objective"])})
     return summary
 
 
@@ -96,11 +103,11 @@ def markdown(s, stem):
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r['images_per_sec']} | {r['train_steps']} | "
                      f"{r['train_seconds']} |")
     for extra in s.get("appended", []):
-        lines += ["", f"Re-measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
+        lines += ["", f"Measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
                       f"{extra['settings'] or 'none'}; {extra['machine']})."]
     for note in s.get("notes", []):
         lines += ["", note]
     lines += ["", "Samples (first 100, one row per class when conditional):", ""]
-    lines += [f"- {r['method']}: ![{r['method']}]({stem}_{r['method']}.png)" for r in s["rows"]
-              if not r["method"].startswith("teacher")]
+    lines += [f"- {m}: ![{m}]({stem}_{m}.png)" for m in dict.fromkeys(r["method"] for r in s["rows"])
+              if not m.startswith("teacher")]
     return "\n".join(lines) + "\n"
