@@ -10,8 +10,9 @@ with f a models.consistency.ConsistencyFunction (f(x, sigma_min) = x by construc
 an EMA of the student, theta- <- mu theta- + (1 - mu) theta after every optimiser step (`after_step`), or the
 student itself under stop-gradient when mu = 0 (iCT always; CD on CIFAR-10). Both evaluations share one dropout
 mask (the RNG is replayed for the target, as the official code does). A subclass chooses the grid size N(step), the
-target rate mu(step), how intervals are drawn, the weight lambda and x_lo; this class does the rest, and samples with
-solvers.consistency (Algorithm 1): one step f(sigma_max z, sigma_max), or several with re-noising at `sample_sigmas`.
+target rate mu(step), how intervals are drawn (ect: continuous levels instead of a grid), the weight lambda and
+x_lo; this class does the rest, and samples with solvers.consistency (Algorithm 1): one step f(sigma_max z,
+sigma_max), or several with re-noising at `sample_sigmas`.
 """
 import contextlib
 import copy
@@ -42,7 +43,7 @@ def replayed_random_draws(state, device):
 
 
 class ConsistencyObjective(Objective):
-    """Base of cd / ct / ict: student, target, the loss above, multistep sampling (module docstring)."""
+    """Base of cd / ct / ict / ect: student, target, the loss above, multistep sampling (module docstring)."""
 
     eval_nfe = 1
 
