@@ -43,6 +43,7 @@ from objectives.base import TEACHER_STEPS, Objective, pick, time_generator_stude
 from objectives.distances import make_distance
 from solvers import get_schedule, schedule_kwargs
 
+
 class BOOT(Objective):
     """BOOT (Gu et al. 2023): a one-step generator trained data-free on the teacher's signal ODE by bootstrapping."""
 

@@ -79,7 +79,8 @@ class ConsistencyObjective(Objective):
         return ConsistencyFunction(backbone, sigma_data, self.sigma_min)
 
     def grid_size(self, step):
-        raise NotImplementedError
+        """N(step), the number of levels (a method without a grid overrides levels() instead)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither grid_size() nor levels()")
 
     def target_decay(self, step):
         return 0.0

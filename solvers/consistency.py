@@ -11,13 +11,13 @@ not an ODE solver.
 """
 import math
 
-
 from .common import call_denoiser, check_cond, one_nfe_per_step, run_sampler, step_level
 from .stochastic import check_generator, noise_like
 
 
 def consistency_step(model, x, sigma, sigma_next, cond=None, sigma_min=0.002, generator=None):
-    """(x_next, x0_hat): x0_hat = f(x, sigma), re-noised to the python float sigma_next (x0_hat when it is 0)."""
+    """(x_next, x0_hat): x0_hat = f(x, sigma) (sigma a float or a [B] tensor), re-noised to the python float
+    sigma_next (x0_hat itself when it is 0)."""
     _, sigma_batch = step_level(sigma, x, "consistency")
     x0_hat = call_denoiser(model, x, sigma_batch, check_cond(cond, "consistency"), "consistency")
     if sigma_next == 0:
@@ -35,7 +35,7 @@ def sample_consistency(model, x, sigmas, cond=None, callback=None, return_trajec
     cond = check_cond(cond, "consistency")
 
     def step(i, x, sigma, sigma_next, sigma_batch, sigma_next_batch):
-        return consistency_step(model, x, sigma, sigma_next, cond, sigma_min, generator)
+        return consistency_step(model, x, sigma_batch, sigma_next, cond, sigma_min, generator)
 
     return run_sampler("consistency", step, x, sigmas, callback, return_trajectory)
 
