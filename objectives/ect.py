@@ -16,7 +16,6 @@ with EDM's plain coefficients (a models.denoiser.Denoiser) and samples through t
 at batch 128, and its two-step re-noising level 0.821. The student starts from the teacher's weights (required by
 the method; with an analytic teacher it starts from random weights).
 """
-
 import torch
 
 from models.consistency import BoundaryShifted
@@ -24,6 +23,7 @@ from models.denoiser import Denoiser
 from models.noise import append_dims
 from objectives.consistency import ConsistencyObjective
 from objectives.distances import PseudoHuber
+
 
 class ECT(ConsistencyObjective):
     """ECT (Geng et al. 2024): continuous-time consistency tuning of a teacher-initialised denoiser."""
