@@ -96,3 +96,27 @@ def test_torchrun_on_one_gpu_uses_nccl(tmp_path, run_cli):
                      *on_gpu(overrides), "train.steps=2", "--out", tmp_path / "ddp", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(tmp_path / "ddp")["step"] == 2
+
+
+@pytest.mark.parametrize("name", ["ct", "ict"])
+def test_teacher_free_consistency_training_on_the_gpu(tmp_path, name):
+    overrides = [o for o in on_gpu(IMAGE) if not o.startswith("teacher.")] + ["backbone.dropout=0.1", "train.steps=3"]
+    train(config_of(["--backbone", "unet", "--objective", name, "--data", "gmm"], overrides), tmp_path / name)
+    state = load_checkpoint(tmp_path / name)
+    assert state["step"] == 3 and finite(state)
+
+
+def test_consistency_target_replays_the_dropout_mask_on_the_gpu():
+    """x_lo = x_hi at one level and mu = 0: the target pass must draw the online pass's CUDA dropout mask."""
+    from models.mlp import MLP
+    from objectives.cd import CD
+    cd = CD(MLP(dim=2, hidden=32, num_blocks=2, dropout=0.5),
+            teacher=GaussianMixtureDenoiser(**gaussian_mixture_params(2, 4, seed=0)), num_levels=2)
+    torch.nn.init.normal_(cd.networks["student"].backbone.out.weight)
+    cd.to("cuda")
+    cd.networks["student"].cuda()
+    cd.grid = lambda n, device: torch.tensor([3.0, 3.0], device=device)
+    cd.lower_point = lambda x0, z, x_hi, *rest: x_hi
+    loss, _ = cd.loss("student", (torch.randn(16, 2, device="cuda"), torch.zeros(16, dtype=torch.long, device="cuda")),
+                      0)
+    assert loss.item() == 0.0
