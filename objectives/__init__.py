@@ -10,6 +10,7 @@ from objectives.ict import ICT
 from objectives.kd import KD
 from objectives.progressive import Progressive
 from objectives.reflow import Reflow
+from objectives.tract import TRACT
 
 OBJECTIVES = {
     "dsm": DSM,
@@ -22,4 +23,5 @@ OBJECTIVES = {
     "ct": CT,
     "ict": ICT,
     "ect": ECT,
+    "tract": TRACT,
 }

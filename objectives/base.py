@@ -14,6 +14,7 @@ DDP or compiled wrappers without the objective knowing; facts about a network (i
 labels) are recorded at construction, since a wrapper does not expose the module's attributes.
 """
 import contextlib
+import copy
 import functools
 
 import torch
@@ -109,6 +110,15 @@ def unwrap(net):
             net = net._orig_mod
         else:
             return net
+
+
+def frozen_copy(net, state=None):
+    """A frozen (requires_grad False, eval mode) copy of the module inside `net`'s wrappers, optionally loaded with
+    `state`: a progressive stage's teacher, TRACT's phase teacher and self-teacher, a consistency model's target."""
+    copied = copy.deepcopy(unwrap(net))
+    if state is not None:
+        copied.load_state_dict(state)
+    return copied.requires_grad_(False).eval()
 
 
 def init_from_teacher(student_backbone, teacher, allow_missing=()):

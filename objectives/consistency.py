@@ -15,14 +15,13 @@ x_lo; this class does the rest, and samples with solvers.consistency (Algorithm 
 sigma_max), or several with re-noising at `sample_sigmas`.
 """
 import contextlib
-import copy
 
 import torch
 
 from models.consistency import ConsistencyFunction
 from models.ema import update_ema
 from models.noise import append_dims
-from objectives.base import Objective, init_from_teacher, teacher_preconditioning, unwrap
+from objectives.base import Objective, frozen_copy, init_from_teacher, teacher_preconditioning
 from objectives.distances import make_distance
 from solvers import karras, sample_consistency
 
@@ -145,7 +144,7 @@ class ConsistencyObjective(Objective):
             return
         student = self.networks["student"]
         if self.target is None:
-            self.target = copy.deepcopy(unwrap(student)).requires_grad_(False)
+            self.target = frozen_copy(student)
         update_ema(self.target, student, mu)
 
     def consistency_function(self):
@@ -158,8 +157,7 @@ class ConsistencyObjective(Objective):
 
     def load_state_dict(self, state):
         if "target" in state:
-            self.target = copy.deepcopy(unwrap(self.networks["student"])).requires_grad_(False)
-            self.target.load_state_dict(state["target"])
+            self.target = frozen_copy(self.networks["student"], state["target"])
 
     def generate(self, z, nfe, cond=None):
         """Algorithm 1: one step f(sigma_max z, sigma_max), or nfe steps re-noised at sample_sigmas[:nfe - 1]; without

@@ -37,13 +37,12 @@ init_from_teacher; an analytic teacher leaves it at random init). parameterisati
 own (EDM's preconditioning is well conditioned at every sigma; the paper's choices, "x0" and "v", are available;
 eps fails as SNR -> 0, as the paper shows).
 """
-import copy
 import math
 
 import torch
 
 from models.noise import append_dims
-from objectives.base import Objective, choose, student_denoiser, unwrap
+from objectives.base import Objective, choose, frozen_copy, student_denoiser
 from objectives.distances import make_distance
 from solvers import SOLVERS, euler_step
 
@@ -144,15 +143,9 @@ class Progressive(Objective):
         """Enter the stage of `step`: at a boundary the student's current weights become the (frozen) teacher."""
         stage = self.stage_at(step)
         if stage > self.stage:
-            self.stage_teacher = self._frozen_copy(self.networks["student"])
+            self.stage_teacher = frozen_copy(self.networks["student"])
             self.stage = stage
         return stage
-
-    def _frozen_copy(self, student, state=None):
-        teacher = copy.deepcopy(unwrap(student))
-        if state is not None:
-            teacher.load_state_dict(state)
-        return teacher.requires_grad_(False).eval()
 
     # -- training
 
@@ -235,4 +228,4 @@ class Progressive(Objective):
         if stage > 0 and "teacher" not in state:
             raise ValueError(f"progressive: saved stage {stage} lacks its teacher's weights")
         self.stage = stage
-        self.stage_teacher = (self._frozen_copy(self.networks["student"], state["teacher"]) if stage > 0 else None)
+        self.stage_teacher = (frozen_copy(self.networks["student"], state["teacher"]) if stage > 0 else None)

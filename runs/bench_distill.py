@@ -53,6 +53,7 @@ METHODS = {
     "ct": ("ct", "unet", lambda steps: []),      # no teacher: trained on the data set's samples
     "ict": ("ict", "unet", lambda steps: []),    # no teacher
     "ect": ("ect", "unet", lambda steps: [f"objective.stage_steps={max(1, steps // 8)}"]),  # 8 stages, as 200k / 25k
+    "tract": ("tract", "unet", lambda steps: ["objective.steps=[16,1]", f"objective.steps_per_phase={steps}"]),
 }
 MIXTURE_DATA = ["--data", "gmm", "data.dim=64", "data.components=8", "data.image_shape=[1,8,8]", "data.n=20000"]
 MIXTURE_NET = ["backbone.model_channels=32", "backbone.channel_mult=[1,2]", "backbone.num_blocks=1",

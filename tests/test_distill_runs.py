@@ -40,6 +40,8 @@ OBJECTIVES = {  # name: (flags, overrides, learns from rollouts)
     "boot": (["--backbone", "mlp", "--objective", "boot"], VECTOR + ["objective.num_steps=8"], False),
     "cd": (["--backbone", "mlp", "--objective", "cd"], VECTOR + ["objective.num_levels=6"], False),
     "ect": (["--backbone", "mlp", "--objective", "ect"], VECTOR + ["objective.stage_steps=2"], False),
+    "tract": (["--backbone", "mlp", "--objective", "tract"],
+              VECTOR + ["objective.steps=[4,2,1]", "objective.steps_per_phase=2"], False),
     # heun at NFE 7 is a grid of 4 steps: room for dsno's default K = 4 saved states
     "dsno": (["--backbone", "fno", "--objective", "dsno", "--data", "gmm"],
              IMAGE + ["objective.n=256", "objective.nfe=7"], True),
@@ -301,6 +303,16 @@ def test_progressive_resume_across_a_stage_boundary_is_exact(tmp_path):
     stage_teacher, student = at_stop["objective"]["teacher"], at_stop["networks"]["student"]
     assert set(stage_teacher) == set(student)
     assert not all(torch.equal(stage_teacher[k], student[k]) for k in student)
+
+
+def test_tract_resume_across_a_phase_boundary_is_exact(tmp_path):
+    """Phase 0 is steps 0-1, phase 1 from step 2: the phase teacher and the self-teacher come back from the
+    checkpoint."""
+    at_stop = resumed_equals_straight(
+        tmp_path, lambda steps: objective_config("tract", steps, "train.log_every=1", "train.ckpt_every=3",
+                                                 "train.warmup_steps=2", "train.seed=3"), stop=3, end=5)
+    assert at_stop["objective"]["phase"] == 1
+    assert set(at_stop["objective"]) == {"phase", "phase_teacher", "self_teacher"}
 
 
 # 6. sampling and reloading finished students
