@@ -151,8 +151,9 @@ def write(out, summary, markdown):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    fields = list(dict.fromkeys(key for row in summary["rows"] for key in row))  # rows of older runs may lack some
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary["rows"][0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(summary["rows"])
 
