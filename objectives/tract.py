@@ -94,7 +94,9 @@ class TRACT(Objective):
             x_s1 = self.teacher_step(self.teacher, x_s0, sigma_s0, sigma_s1, cond=cond)[0]
         else:  # a distilled student is trained for Euler jumps on its grid: step it with Euler
             x_s1 = euler_step(self.phase_teacher, x_s0, sigma_s0, sigma_s1, cond=cond)[0]
-        # the self-teacher's Euler jump s1 -> s2, kept where s1 < s2 (computed for the whole batch: no host sync)
+        # the self-teacher's Euler jump s1 -> s2, kept where s1 < s2 (computed for the whole batch: no host sync; where
+        # s1 is the grid's final 0 the level is raised to sigma_min only to keep the discarded values finite)
+        sigma_s1 = sigma_s1.clamp_min(self.grid_kwargs["sigma_min"])
         x0_hat = self.self_teacher(x_s1, sigma_s1, **(cond or {}))
         x_jump = x0_hat + append_dims(sigma_s2 / sigma_s1, x0.ndim) * (x_s1 - x0_hat)
         x_s2 = torch.where(append_dims(fine_index + 1 < segment_end, x0.ndim), x_jump, x_s1)
