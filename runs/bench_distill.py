@@ -141,6 +141,15 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
     return summary
 
 
+def appended_lines(summary):
+    """Markdown lines naming each later --append invocation of a bench summary."""
+    lines = []
+    for extra in summary.get("appended", []):
+        lines += ["", f"Measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
+                      f"{extra['settings'] or 'none'}; {extra['machine']})."]
+    return lines
+
+
 def machine(device):
     return {"device": str(device), "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
@@ -175,10 +184,7 @@ def mixture_markdown(s):
     lines += ["", "ct and ict use no teacher: they train on the mixture's samples and are scored against the same "
               "exact ODE map (the data's own). The analytic teacher has no weights, so ect (and cd) start from "
               "random weights here."] if any(r["method"] in ("ct", "ict", "ect") for r in s["rows"]) else []
-    for extra in s.get("appended", []):
-        lines += ["", f"Measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
-                      f"{extra['settings'] or 'none'}; {extra['machine']})."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + appended_lines(s)) + "\n"
 
 
 def main(argv=None):

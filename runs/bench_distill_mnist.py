@@ -11,7 +11,7 @@ from data import DATASETS
 from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
 from objectives.base import using_networks
-from runs.bench_distill import TEACHER_NFES, machine, progressive_stages, train_method, write
+from runs.bench_distill import TEACHER_NFES, appended_lines, machine, progressive_stages, train_method, write
 from runs.build import load_run
 from runs.eval import default_reference, reference_split
 from runs.images import save_image_grid, to_uint8
@@ -102,9 +102,7 @@ def markdown(s, stem):
     for r in s["rows"]:
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r['images_per_sec']} | {r['train_steps']} | "
                      f"{r['train_seconds']} |")
-    for extra in s.get("appended", []):
-        lines += ["", f"Measured in a later invocation: {', '.join(extra['methods'])} (extra settings: "
-                      f"{extra['settings'] or 'none'}; {extra['machine']})."]
+    lines += appended_lines(s)
     for note in s.get("notes", []):
         lines += ["", note]
     lines += ["", "Samples (first 100, one row per class when conditional):", ""]

@@ -22,7 +22,6 @@ NFEs below a solver's minimum (its sigmas_for_nfe refuses them) are skipped and 
 import csv
 import json
 import math
-import os
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch
 from solvers import SOLVERS, CountingDenoiser, get_solver, options_for_nfe, sigmas_for_nfe
 from solvers.optimise import _takes_generator, optimise_schedule, solve_batched
 from runs.bench_solvers_report import markdown, plot_errors
+from runs.checkpoint import load_checkpoint, save_checkpoint
 from solvers.reference import reference_solution, reference_tolerance_check
 
 FIELDS = ["part", "data", "solver", "nfe", "schedule", "rmse", "rmse_at_sigma_min", "fid_mnist", "fit_rmse_before",
@@ -46,17 +46,16 @@ def rmse(a, b):
 
 def cached(cache_dir, key, compute, device):
     """compute() (a dict of tensors and numbers), kept in <cache_dir>/<key>.pt when cache_dir is set: parallel
-    shards (runs/bench_solvers_shards.py) then share one reference solution instead of each solving it again."""
+    shards (runs/bench_solvers_shards.py) then share one reference solution instead of each solving it again.
+    Written and read as a checkpoint (atomic, weights_only)."""
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"{key}.pt"
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_checkpoint(path, map_location=device)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(value, path)
     return value
 
 
