@@ -22,7 +22,7 @@ from models.consistency import BoundaryShifted
 from models.denoiser import Denoiser
 from models.noise import append_dims
 from objectives.consistency import ConsistencyObjective
-from objectives.distances import PseudoHuber
+from objectives.distances import make_distance
 
 
 class ECT(ConsistencyObjective):
@@ -42,7 +42,7 @@ class ECT(ConsistencyObjective):
         super().__init__(backbone, teacher, sigma_min, sigma_max, rho, sample_sigmas=sample_sigmas)
         self.p_mean, self.p_std, self.q, self.k, self.b = float(p_mean), float(p_std), float(q), float(k), float(b)
         self.stage_steps = int(stage_steps)
-        self.distance = PseudoHuber(c=float(huber_c))
+        self.distance = make_distance("pseudo_huber", c=float(huber_c))
 
     def make_student(self, backbone, sigma_data):
         return Denoiser(backbone, "edm", sigma_data)
