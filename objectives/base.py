@@ -62,12 +62,36 @@ def using_networks(objective, networks):
 
 
 class Objective:
-    """Base class: one trainable role called "model" unless a subclass says otherwise."""
+    """Base class. Everything the training loop, the sampler and the reports read from an objective is declared here
+    with its default; a subclass overrides what it needs (the loop never probes with hasattr)."""
 
-    needs_teacher = False
+    needs_teacher = False   # the loop builds a frozen teacher (--teacher RUN, or an analytic one) and passes teacher=
+    needs_data = True       # the method learns from real data (False: teacher-only / data-free, e.g. BOOT, DMD)
+    rollouts = None         # dict(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n): learns from
+    rollout_sigmas = None   # teacher rollouts, saved at these sigmas [K]; batches are then (z, xs, labels)
+    eval_nfe = None         # NFE of the loop's sample grids and quality report; None: train.sample_nfe
 
     def __init__(self):
         self.networks = {}
+
+    def optimizer_settings(self):
+        """Per-role optimisation defaults {role: {key: value}} over the loop's train.* values, e.g.
+        {"fake_score": {"lr": 1e-4, "ema": False}}. Keys (runs.config.RoleSettings): optimizer ("adam", "adamw",
+        "radam"), lr, betas, weight_decay, warmup_steps, grad_clip, ema, ema_halflife_kimg. The user's
+        `optim.<role>.<key>=...` overrides win over these."""
+        return {}
+
+    def sampler(self):
+        """(solver, schedule, schedule_kwargs) for a method that samples by integrating its denoiser (a diffusion
+        teacher, rectified flow); None for methods that sample with their own `generate`."""
+        return None
+
+    def state_dict(self):
+        """The objective's own training state (a curriculum's stage, a target network), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned."""
 
     def phases(self, step):
         return list(self.networks)

@@ -125,7 +125,7 @@ def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_disti
         config, objective, ema, seconds = train_method(method, MIXTURE_DATA[:2], [*MIXTURE_DATA[2:], *MIXTURE_NET,
                                                        f"train.device={device}", *settings],
                                                        Path(runs_dir) / f"mixture_{method}", steps[method])
-        nfe = int(getattr(objective, "eval_nfe", 1))
+        nfe = int(objective.eval_nfe or 1)
         with using_networks(objective, ema), torch.inference_mode():
             x = objective.generate(z.float(), nfe, None)
         if nfe not in baseline:

@@ -77,7 +77,7 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
         config, objective, ema, seconds = train_method(method, ["--teacher", str(teacher_path), *extra],
                                                        common + own, run_dir, steps[method])
         dataset = DATASETS[config["data"]["name"]]()
-        own_nfe = int(getattr(objective, "eval_nfe", 1))
+        own_nfe = int(objective.eval_nfe or 1)
         for nfe in [own_nfe, *sorted(n for n in set(extra_nfes) if n > own_nfe)]:
             try:
                 samples, rate = generate_samples(objective, ema, nfe, n, dataset.shape, config["train"]["conditional"],

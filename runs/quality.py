@@ -30,9 +30,9 @@ def batched(fn, z, labels, batch):
 
 def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=256):
     """The report above as a dict (plain numbers and strings)."""
-    nfe = int(getattr(objective, "eval_nfe", 1))
+    nfe = int(objective.eval_nfe or 1)
     levels = {k: config["objective"][k] for k in ("sigma_min", "sigma_max", "rho") if k in config["objective"]}
-    spec = {**DEFAULT_ROLLOUT, **levels, **(getattr(objective, "rollouts", None) or {})}
+    spec = {**DEFAULT_ROLLOUT, **levels, **(objective.rollouts or {})}
     generator = torch.Generator().manual_seed(HELD_OUT_SEED)
     z = torch.randn([n, *dataset.shape], generator=generator).to(device)
     labels = None

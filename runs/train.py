@@ -36,7 +36,9 @@ from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from runs.cli import cli_errors, pick_device
 from models import BACKBONES
 from objectives import pick
-from runs.config import TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, save_yaml
+from runs.config import (TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, role_settings,
+                         save_yaml)
+from runs.rundir import claimed
 from objectives.base import using_networks
 from runs.images import save_image_grid
 from runs.quality import one_step_quality
@@ -84,10 +86,11 @@ def batches(dataset, order, start_step, num_workers):
     return iter(loader)
 
 
-def learning_rate(step, s):
-    warmup = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
+def learning_rate(step, r, s):
+    """Role settings `r`'s learning rate at `step`: linear warm-up, then constant or cosine decay over train.steps."""
+    warmup = min(1.0, (step + 1) / r["warmup_steps"]) if r["warmup_steps"] else 1.0
     decay = 0.5 * (1 + math.cos(math.pi * step / s.steps)) if s.lr_decay == "cosine" else 1.0
-    return s.lr * warmup * decay
+    return r["lr"] * warmup * decay
 
 
 def autocast(device, amp):
@@ -95,10 +98,7 @@ def autocast(device, amp):
         amp = "bf16" if device.type == "cuda" else "none"
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if dtype is None:
-        raise ValueError(f"unknown train.amp {amp!r}; known: auto, bf16, fp16, none")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 def setup_distributed():
@@ -114,143 +114,197 @@ def setup_distributed():
     return torch_dist.get_rank(), world, local_rank
 
 
+def make_optimizer(params, r):
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[r["optimizer"]]
+    return kind(params, lr=r["lr"], betas=tuple(r["betas"]), weight_decay=r["weight_decay"])
+
+
+@contextlib.contextmanager
+def training(objective, role, trainable, fast, wrapped):
+    """Role `role`'s phase: only its parameters require grad, and only it is called through its DDP wrapper; every
+    other role is called unwrapped (frozen, no gradient sync) but stays differentiable w.r.t. its inputs."""
+    for other, params in trainable.items():
+        for p in params:
+            p.requires_grad_(other == role)
+    with using_networks(objective, {**fast, role: wrapped[role]}):
+        yield
+
+
+def all_finite(modules):
+    """True where every parameter of `modules` is finite (one host sync)."""
+    flags = [p.detach().isfinite().all() for m in modules for p in m.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def train(config, run_dir, resume=False, teacher=None, dataset=None):
     """Train the resolved `config` into `run_dir` (`dataset`: the config's data set when already built).
-    Returns the objective (with raw, unwrapped networks) and the EMA networks."""
+    Returns the objective (with raw, unwrapped networks) and the EMA networks (the raw network for a role whose
+    EMA is off)."""
     s = TrainSettings(**config["train"])
     rank, world, local_rank = setup_distributed()
     device = pick_device(s.device, local_rank)
-    run_dir = Path(run_dir)
     main_process = rank == 0
     torch.manual_seed(s.seed + rank)
+    per_rank = s.batch_size // world
+    micro = s.micro_batch or per_rank
+    if s.batch_size % world or per_rank % micro:
+        raise ValueError(f"train.batch_size={s.batch_size} does not split into {world} process(es) x micro-batches "
+                         f"of train.micro_batch={s.micro_batch}")
 
     dataset = build_dataset(config) if dataset is None else dataset
     injected = {}
     if "teacher" in config:
-        if teacher is None:
-            teacher, teacher_description = load_teacher(config["teacher"], dataset, s.conditional, device)
-        else:
-            teacher, teacher_description = teacher.to(device).eval().requires_grad_(False), "given"
+        teacher, teacher_description = (load_teacher(config["teacher"], dataset, s.conditional, device)
+                                        if teacher is None else (teacher.to(device).eval().requires_grad_(False), "given"))
         injected["teacher"] = teacher
     objective = build_objective(config, **injected)
-    if getattr(objective, "rollouts", None):
-        if main_process:
-            dataset = rollout_store(objective, teacher, teacher_description, config["teacher"], run_dir, dataset,
-                                    s.conditional, device)
-        if world > 1:
-            torch_dist.barrier()
-            if not main_process:
-                dataset = rollout_store(objective, teacher, teacher_description, config["teacher"], run_dir,
-                                        dataset, s.conditional, device)
-    objective.to(device)
-    nets = {role: net.to(device) for role, net in objective.networks.items()}
-    ema = {role: make_ema(net) for role, net in nets.items()}
-    optimizers = {role: torch.optim.Adam(net.parameters(), lr=s.lr, betas=tuple(s.betas),
-                                         weight_decay=s.weight_decay) for role, net in nets.items()}
-    scaler = torch.amp.GradScaler(device.type, enabled=(s.amp == "fp16"))
-    step, elapsed_before = 0, 0.0
-    if resume:
-        state = load_checkpoint(run_dir / "checkpoint.pt")
-        for role in nets:
-            nets[role].load_state_dict(state["networks"][role])
-            ema[role].load_state_dict(state["ema"][role])
-            optimizers[role].load_state_dict(state["optimizers"][role])
-        scaler.load_state_dict(state["scaler"])
-        if hasattr(objective, "load_state_dict"):
+    config["optim"] = role_settings(objective, config["train"], config.get("optim", {}))
+    roles = config["optim"]
+
+    with (claimed(run_dir, config, resume) if main_process else contextlib.nullcontext(Path(run_dir))) as run_dir:
+        if objective.rollouts:
+            dataset = shared_rollouts(objective, teacher, teacher_description, config, run_dir, dataset, device,
+                                      main_process, world)
+        objective.to(device)
+        nets = {role: net.to(device) for role, net in objective.networks.items()}
+        trainable = {role: [p for p in net.parameters() if p.requires_grad] for role, net in nets.items()}
+        ema = {role: make_ema(net) for role, net in nets.items() if roles[role]["ema"]}
+        optimizers = {role: make_optimizer(trainable[role], roles[role]) for role in nets}
+        scalers = {role: torch.amp.GradScaler(device.type, enabled=(s.amp == "fp16")) for role in nets}
+        step, elapsed_before = 0, 0.0
+        if resume:
+            state = load_checkpoint(run_dir / "checkpoint.pt")
+            for role in nets:
+                nets[role].load_state_dict(state["networks"][role])
+                optimizers[role].load_state_dict(state["optimizers"][role])
+                scalers[role].load_state_dict(state["scalers"][role] if "scalers" in state else state["scaler"])
+                if role in ema:
+                    ema[role].load_state_dict(state["ema"][role])
             objective.load_state_dict(state["objective"])
-        set_rng_state(state["rng"])
-        step, elapsed_before = state["step"], state.get("elapsed_sec", 0.0)
-    if main_process:  # on resume too: train.* may have changed
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, run_dir / "config.yaml")
+            set_rng_state(state["rng"])
+            step, elapsed_before = state["step"], state.get("elapsed_sec", 0.0)
+            if main_process:
+                print(f"resuming {run_dir} from step {step}")
+        if main_process:  # on resume too: train.* may have changed
+            save_yaml(config, run_dir / "config.yaml")
 
-    if s.compile:  # true: inductor; a string names another torch.compile backend
-        backend = s.compile if isinstance(s.compile, str) else "inductor"
-        wrapped = {role: torch.compile(net, backend=backend) for role, net in nets.items()}
-    else:
-        wrapped = dict(nets)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = {role: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids) for role, net in wrapped.items()}
-    objective.networks = wrapped
+        if s.compile:  # true: inductor; a string names another torch.compile backend
+            backend = s.compile if isinstance(s.compile, str) else "inductor"
+            fast = {role: torch.compile(net, backend=backend) for role, net in nets.items()}
+        else:
+            fast = dict(nets)
+        wrapped = dict(fast)
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            wrapped = {role: torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+                       for role, net in fast.items()}
+        sampling_nets = {role: ema.get(role, net) for role, net in nets.items()}
 
-    order = BatchOrder(len(dataset), s.batch_size, s.seed, rank, world)
-    data = batches(dataset, order, step, s.num_workers)
-    log = Logger(run_dir, step, enabled=main_process)
-    grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
-    grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
-    sums, first_bad_step = {}, torch.full((), -1, device=device)
-    progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True,
-                    mininterval=1 if sys.stderr.isatty() else 30)
-    start = tic = time.time()
-    tic_step = step
+        order = BatchOrder(len(dataset), s.batch_size, s.seed, rank, world)
+        data = batches(dataset, order, step, s.num_workers)
+        log = Logger(run_dir, step, enabled=main_process)
+        grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
+        grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
+        sums, first_bad_step = {}, torch.full((), -1, device=device)
+        progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True,
+                        mininterval=1 if sys.stderr.isatty() else 30)
+        start = tic = last_checkpoint = time.time()
+        tic_step = step
 
-    while step < s.steps:
-        batch = tuple(t.to(device, non_blocking=True) for t in next(data))  # (x0, labels) or (z, xs, labels)
-        lr = learning_rate(step, s)
-        for role in objective.phases(step):
-            if objective.fresh_optimizer(role, step):
-                optimizers[role].state.clear()
-            for group in optimizers[role].param_groups:
-                group["lr"] = lr
-            with autocast(device, s.amp):
-                loss, logs = objective.loss(role, batch, step)
-            optimizers[role].zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizers[role])
-            if s.grad_clip:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(nets[role].parameters(), s.grad_clip)
-            scaler.step(optimizers[role])
-            scaler.update()
-            update_ema(ema[role], nets[role], ema_beta((step + 1) * s.batch_size, s.batch_size,
-                                                       s.ema_halflife_kimg, s.ema_rampup))
-            objective.after_step(role, step)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
-            for key, value in logs.items():
-                sums[f"{role}/{key}"] = sums.get(f"{role}/{key}", 0) + value.detach().float()
-        step += 1
-        progress.update(1)
+        while step < s.steps:
+            batch = tuple(t.to(device, non_blocking=True) for t in next(data))  # (x0, labels) or (z, xs, labels)
+            micro_batches = list(zip(*(t.split(micro) for t in batch)))
+            for role in objective.phases(step):
+                r, optimizer, scaler, net = roles[role], optimizers[role], scalers[role], nets[role]
+                if objective.fresh_optimizer(role, step):
+                    optimizer.state.clear()
+                lr = learning_rate(step, r, s)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                with training(objective, role, trainable, fast, wrapped):
+                    for i, part in enumerate(micro_batches):
+                        last = i == len(micro_batches) - 1
+                        with (contextlib.nullcontext() if last or world == 1 else wrapped[role].no_sync()):
+                            with autocast(device, s.amp):
+                                loss, logs = objective.loss(role, part, step)
+                            scaler.scale(loss / len(micro_batches)).backward()
+                        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
+                                                     first_bad_step)
+                        for key, value in logs.items():
+                            sums[f"{role}/{key}"] = sums.get(f"{role}/{key}", 0) + value.detach().float() / len(
+                                micro_batches)
+                scaler.unscale_(optimizer)
+                if r["grad_clip"]:
+                    norm = torch.nn.utils.clip_grad_norm_(trainable[role], r["grad_clip"])
+                    sums[f"{role}/grad_norm"] = sums.get(f"{role}/grad_norm", 0) + norm.detach().float()
+                scaler.step(optimizer)
+                scaler.update()
+                if role in ema:
+                    update_ema(ema[role], net, ema_beta((step + 1) * s.batch_size, s.batch_size,
+                                                        r["ema_halflife_kimg"], s.ema_rampup))
+                objective.after_step(role, step)
+            step += 1
+            progress.update(1)
 
-        checkpoint_now = step % s.ckpt_every == 0 or step == s.steps
-        if step % s.log_every == 0 or checkpoint_now or step == s.steps:
-            bad = int(first_bad_step)  # the one host sync per log interval
-            if bad >= 0:
-                raise FloatingPointError(f"loss is not finite (nan or inf) at step {bad}; stopped. "
-                                         f"{last_good(run_dir / 'checkpoint.pt')}")
-            n = step - tic_step
-            record = {k: float(v) / n for k, v in sums.items()}
-            record.update(step=step, lr=lr, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9),
-                          elapsed_sec=round(elapsed_before + time.time() - start, 1))
-            log.write(record)
-            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")},
-                                 refresh=False)
-            sums, tic, tic_step = {}, time.time(), step
-        if checkpoint_now and main_process:
-            save_checkpoint({"step": step, "config": config,
-                             "networks": {r: n.state_dict() for r, n in nets.items()},
-                             "ema": {r: e.state_dict() for r, e in ema.items()},
-                             "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                             "scaler": scaler.state_dict(), "rng": rng_state(),
-                             "objective": objective.state_dict() if hasattr(objective, "state_dict") else {},
-                             "elapsed_sec": elapsed_before + time.time() - start}, run_dir / "checkpoint.pt")
-        if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
-            with using_networks(objective, ema), torch.inference_mode():
-                cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None
-                images = objective.generate(grid_noise.to(device), getattr(objective, "eval_nfe", s.sample_nfe), cond)
-            save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
-    progress.close()
-    objective.networks = nets
-    if teacher is not None and main_process and config["teacher"]["eval_n"]:
-        with using_networks(objective, ema):
-            report = one_step_quality(objective, teacher, config, dataset, device, n=config["teacher"]["eval_n"])
-        (run_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
-        log.write({"step": step, **{f"quality/{k}": v for k, v in report.items() if isinstance(v, (int, float))}})
-        print("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in report.items()))
-    log.close()
+            checkpoint_now = (step % s.ckpt_every == 0 or step == s.steps
+                              or (s.ckpt_minutes and time.time() - last_checkpoint >= 60 * s.ckpt_minutes))
+            if step % s.log_every == 0 or checkpoint_now:
+                bad = int(first_bad_step)  # the one host sync per log interval
+                if bad >= 0:
+                    raise FloatingPointError(f"loss is not finite (nan or inf) at step {bad}; stopped. "
+                                             f"{last_good(run_dir / 'checkpoint.pt')}")
+                n = step - tic_step
+                record = {k: float(v) / n for k, v in sums.items()}
+                record.update(step=step, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9),
+                              elapsed_sec=round(elapsed_before + time.time() - start, 1),
+                              **{f"{role}/lr": learning_rate(step - 1, roles[role], s) for role in nets})
+                log.write(record)
+                progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")},
+                                     refresh=False)
+                sums, tic, tic_step = {}, time.time(), step
+            if checkpoint_now and main_process:
+                if not all_finite([*nets.values(), *ema.values()]):  # a finite loss can still leave diverged weights
+                    raise FloatingPointError(f"weights are not finite after step {step}; stopped. "
+                                             f"{last_good(run_dir / 'checkpoint.pt')}")
+                save_checkpoint({"step": step, "config": config,
+                                 "networks": {role: net.state_dict() for role, net in nets.items()},
+                                 "ema": {role: net.state_dict() for role, net in sampling_nets.items()},
+                                 "optimizers": {role: o.state_dict() for role, o in optimizers.items()},
+                                 "scalers": {role: sc.state_dict() for role, sc in scalers.items()},
+                                 "rng": rng_state(), "objective": objective.state_dict(),
+                                 "elapsed_sec": elapsed_before + time.time() - start}, run_dir / "checkpoint.pt")
+                last_checkpoint = time.time()
+            if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
+                with using_networks(objective, sampling_nets), torch.inference_mode():
+                    cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None
+                    images = objective.generate(grid_noise.to(device), objective.eval_nfe or s.sample_nfe, cond)
+                save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+        progress.close()
+        objective.networks = nets
+        if teacher is not None and main_process and config["teacher"]["eval_n"]:
+            with using_networks(objective, sampling_nets):
+                report = one_step_quality(objective, teacher, config, dataset, device, n=config["teacher"]["eval_n"])
+            (run_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+            log.write({"step": step, **{f"quality/{k}": v for k, v in report.items() if isinstance(v, (int, float))}})
+            print("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in report.items()))
+        log.close()
     if world > 1:
         torch_dist.destroy_process_group()
-    return objective, ema
+    return objective, sampling_nets
+
+
+def shared_rollouts(objective, teacher, description, config, run_dir, dataset, device, main_process, world):
+    """The objective's teacher rollouts: generated (or checked) by the main process, then read by every process."""
+    args = (objective, teacher, description, config["teacher"], run_dir, dataset, config["train"]["conditional"],
+            device)
+    store = rollout_store(*args) if main_process else None
+    if world > 1:
+        torch_dist.barrier()
+        if not main_process:
+            store = rollout_store(*args)
+    return store
 
 
 def last_good(path):
@@ -302,8 +356,13 @@ def make_config(args):
     if args.resume:
         if args.config or args.backbone or args.objective or args.data or args.teacher or args.trajectories:
             raise ValueError("--resume continues a run with its saved config; only train.* overrides may be given")
-        if set(overrides) - {"train"}:
-            raise ValueError("--resume: only train.* settings may change (e.g. train.steps=...)")
+        if set(overrides) - {"train", "optim"}:
+            raise ValueError("--resume: only train.* and optim.* settings may change (e.g. train.steps=...)")
+        if not (Path(args.resume) / "checkpoint.pt").exists():
+            saved = Path(args.resume) / "config.yaml"
+            raise FileNotFoundError(f"{args.resume} has no checkpoint yet" + (
+                f" (stopped before its first one): start it afresh with python -m runs.train --config {saved} "
+                f"--out {args.resume}" if saved.exists() else ": it is not a run directory"))
         return resolve(merge(load_yaml(Path(args.resume) / "config.yaml"), overrides)), None
     flags = {s: {"name": getattr(args, s)} for s in ("backbone", "objective", "data") if getattr(args, s)}
     teacher = {k: v for k, v in (("path", args.teacher), ("trajectories", args.trajectories)) if v}
@@ -354,8 +413,6 @@ def main(argv=None):
         config, dataset = make_config(args)
         run_dir = Path(args.resume or args.out or
                        f"out/{config['data']['name']}-{config['objective']['name']}-{config['backbone']['name']}")
-        if not args.resume and (run_dir / "checkpoint.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} or another --out")
         try:
             train(config, run_dir, resume=bool(args.resume), dataset=dataset)
         except FloatingPointError as e:
