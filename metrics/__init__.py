@@ -1,13 +1,19 @@
-"""Sample-quality metrics. `METRICS` maps a name to a plain function `fn(samples, reference, **kw) -> float`:
-for the FIDs, samples and reference are uint8 images [N, C, H, W]; for swd / mmd, vectors [N, D].
-Add your own with METRICS["mine"] = my_metric.
+"""Sample-quality metrics. `METRICS` maps a name to a plain function `fn(samples, reference, **kw)` returning a float,
+or, for the metrics that measure several things at once (precision-recall*, class-histogram-mnist), a dict of
+named numbers: for the *-mnist and *-inception metrics, samples and reference are uint8 images [N, C, H, W]; for
+swd / mmd / precision-recall, vectors [N, D]. Add your own with METRICS["mine"] = my_metric.
+
+`mnist_metrics` computes every MNIST number (FID, precision / recall / density / coverage, class coverage) from
+one pass of the feature net over each set.
 
 The feature networks (metrics.mnist_net, metrics.inception) are imported inside the FID functions, so that
 `python -m metrics.mnist_net` does not import itself twice.
 """
 import torch
 
+from metrics.classes import class_coverage, class_histogram
 from metrics.frechet import feature_statistics, frechet_distance
+from metrics.precision_recall import DEFAULT_K, knn_radii, manifold_metrics
 from metrics.toy import mmd, sliced_wasserstein
 
 
@@ -37,7 +43,62 @@ def mmd2(samples, reference, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)):
     return mmd(samples, reference, bandwidths)
 
 
-METRICS = {"fid-mnist": fid_mnist, "fid-inception": fid_inception, "swd": swd, "mmd": mmd2}
+def precision_recall(samples, reference, k=DEFAULT_K, device=None):
+    """k-NN precision, recall, density and coverage (a dict) between two vector sets [N, D]."""
+    return manifold_metrics(samples, reference, k=k, device=device)
 
-__all__ = ["METRICS", "feature_statistics", "frechet_distance", "fid_mnist", "fid_inception", "swd", "mmd2",
-           "mmd", "sliced_wasserstein"]
+
+def _mnist_labels(net, features):
+    """The classifier's predicted labels [N] from its own features: forward() in eval mode is head(relu(features))."""
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        return torch.cat([net.head(torch.relu(features[i:i + 4096].to(device))).argmax(1).cpu()
+                          for i in range(0, len(features), 4096)])
+
+
+def mnist_metrics(samples, reference, net=None, device="cpu", k=DEFAULT_K, min_share=None, fid=True, classes=True,
+                  manifold=True):
+    """MNIST-FID (`fid_mnist`), k-NN precision / recall / density / coverage and the predicted-class coverage
+    (`classes_covered`, `class_tv_uniform`, ..., see metrics.classes) of uint8 MNIST samples against uint8 real
+    digits, in the features of the project's MNIST classifier, as one flat dict; each set goes through the net once.
+    fid / classes / manifold switch the three groups off."""
+    from metrics.mnist_net import load_mnist_feature_net, mnist_features
+    net = load_mnist_feature_net(device=device) if net is None else net
+    fake, real = mnist_features(net, samples), mnist_features(net, reference)
+    report = {}
+    if fid:
+        report["fid_mnist"] = frechet_distance(*feature_statistics(fake), *feature_statistics(real))
+    if manifold:
+        report.update(manifold_metrics(fake, real, k=k, device=device))
+    if classes:
+        report.update(class_coverage(_mnist_labels(net, fake), _mnist_labels(net, real), net.head.out_features,
+                                     min_share))
+    return report
+
+
+def precision_recall_mnist(samples, reference, net=None, device="cpu", k=DEFAULT_K):
+    """k-NN precision, recall, density and coverage (a dict) in the MNIST classifier's features (uint8 images)."""
+    return mnist_metrics(samples, reference, net, device, k, fid=False, classes=False)
+
+
+def class_histogram_mnist(samples, reference, net=None, device="cpu", min_share=None):
+    """Predicted-digit histogram of uint8 MNIST samples: classes covered, TV / KL to uniform and to the reference's."""
+    return mnist_metrics(samples, reference, net, device, min_share=min_share, fid=False, manifold=False)
+
+
+def precision_recall_inception(samples, reference, weights_path=None, device="cpu", batch=100, net=None, k=DEFAULT_K):
+    """k-NN precision, recall, density and coverage (a dict) in Inception-v3 pool3 features (needs the weights file)."""
+    from metrics.inception import inception_features, load_inception
+    net = load_inception(weights_path, device=device) if net is None else net
+    fake, real = (inception_features(net, images, batch=batch) for images in (samples, reference))
+    return manifold_metrics(fake, real, k=k, device=device)
+
+
+METRICS = {"fid-mnist": fid_mnist, "fid-inception": fid_inception, "swd": swd, "mmd": mmd2,
+           "precision-recall": precision_recall, "precision-recall-mnist": precision_recall_mnist,
+           "class-histogram-mnist": class_histogram_mnist, "precision-recall-inception": precision_recall_inception}
+
+__all__ = ["METRICS", "DEFAULT_K", "feature_statistics", "frechet_distance", "fid_mnist", "fid_inception", "swd", "mmd2",
+           "mmd", "sliced_wasserstein", "precision_recall", "precision_recall_mnist", "class_histogram_mnist",
+           "precision_recall_inception", "mnist_metrics", "manifold_metrics", "knn_radii", "class_coverage",
+           "class_histogram"]

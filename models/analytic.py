@@ -10,7 +10,10 @@ probability-flow ODE dx/dsigma = (x - D) / sigma of these teachers is exact, and
 - PPCAMixtureDenoiser (models/ppca.py): a mixture of probabilistic PCA fitted to images, with exact D.
 
 All compute in their buffers' dtype (float64 unless the module is cast) and return x's dtype. Buffers are named as
-the constructor's arguments, so a teacher is restored with `Cls(**torch.load(path, weights_only=True))`. `sigma_data`
+the constructor's arguments. `teacher.export_state()` is a dict of plain tensors and python values (it loads with
+torch.load(weights_only=True)) from which `Cls.from_state(state)` rebuilds the same teacher, bit for bit and with the
+same data.trajectories.fingerprint, without fitting anything again: a student's checkpoint stores its analytic
+teacher this way (runs/teacher.py, teacher_record). `sigma_data`
 is sqrt of the per-coordinate variance averaged over coordinates; `shape` is the per-sample shape. class_labels: int64
 [B] indices, or float one-hot [B, num_classes] (an all-zero row means unconditional).
 """
@@ -83,7 +86,38 @@ def _mixture_variance(means, second_moments, weights):
     return float((w @ second_moments - mean**2).clamp_min(0).mean().sqrt())
 
 
-class GaussianMixtureDenoiser(nn.Module):
+class AnalyticTeacher(nn.Module):
+    """What the analytic teachers share: export to plain tensors and exact reconstruction from them."""
+
+    def export_state(self):
+        """{"buffers": the persistent buffers (the constructor's arguments), "dtype": the module's float dtype,
+        "sigma_data": float}: plain tensors on the CPU and python values, for a checkpoint."""
+        buffers = {name: value.detach().cpu().clone() for name, value in self.state_dict().items()}
+        dtype = next(v.dtype for v in buffers.values() if v.is_floating_point())
+        return {"buffers": buffers, "options": self._options(), "dtype": str(dtype).removeprefix("torch."),
+                "sigma_data": float(self.sigma_data)}
+
+    def _options(self):
+        """Constructor arguments that are not buffers (python values)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, state):
+        """The teacher `export_state()` described, rebuilt exactly (the saved buffers and sigma_data, not
+        values recomputed from them: a mixture's weights are not renormalised twice). A state that is not one
+        is a ValueError."""
+        try:
+            buffers, dtype, sigma_data = dict(state["buffers"]), getattr(torch, state["dtype"]), state["sigma_data"]
+            teacher = cls(**buffers, **state.get("options", {})).to(dtype)
+            for name, value in buffers.items():
+                getattr(teacher, name).copy_(value)
+        except (KeyError, TypeError, AttributeError, RuntimeError) as error:
+            raise ValueError(f"not a saved {cls.__name__} state ({type(error).__name__}: {error})") from None
+        teacher.sigma_data = float(sigma_data)
+        return teacher
+
+
+class GaussianMixtureDenoiser(AnalyticTeacher):
     """Exact denoiser of a Gaussian mixture with diagonal covariances; class_labels pick a component."""
 
     def __init__(self, means, variances, weights):
@@ -150,7 +184,7 @@ class GaussianMixtureDenoiser(nn.Module):
         return out.reshape(x.shape).to(x.dtype)
 
 
-class EmpiricalDenoiser(nn.Module):
+class EmpiricalDenoiser(AnalyticTeacher):
     """Exact denoiser of the empirical distribution of `data` [N, *shape] (the memorising optimum of DSM).
 
     The softmax over N runs chunk by chunk with a running max (online log-sum-exp), so memory stays
@@ -171,6 +205,18 @@ class EmpiricalDenoiser(nn.Module):
         self.register_buffer("_half_sq_norms", 0.5 * self.data.flatten(1).pow(2).sum(1), persistent=False)
         self.num_classes = 0 if labels is None else int(labels.max()) + 1
         self.sigma_data = float(self.data.flatten(1).var(0, unbiased=False).mean().sqrt())
+
+    def _options(self):
+        return {"chunk_size": self.chunk_size}
+
+    def export_state(self):
+        """As AnalyticTeacher's, with the points stored in float32 when that loses nothing (data read from float32
+        images, as a fitted teacher's are): half the size in a checkpoint, the same teacher when rebuilt."""
+        state = super().export_state()
+        data = state["buffers"]["data"]
+        if data.dtype == torch.float64 and torch.equal(data.float().double(), data):
+            state["buffers"]["data"] = data.float()
+        return state
 
     def forward(self, x, sigma, class_labels=None):
         flat = _flat_input(x, self.shape, self.data.dtype)

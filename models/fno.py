@@ -46,7 +46,7 @@ def spectral_conv_class():
     try:
         from neuralop.layers.spectral_convolution import SpectralConv
     except ImportError as error:
-        raise ImportError(f"the fno backbone needs neuraloperator ({error}): pip install neuraloperator") from None
+        raise ImportError(f"the fno backbone needs neuraloperator ({error}): pip install neuraloperator (or: pip install -e \".[fno]\")") from None
     return SpectralConv
 
 
@@ -119,9 +119,9 @@ class FNOUNet(UNet):
         in_channels=1,
         out_channels=None,
         label_dim=0,
-        model_channels=32,
+        model_channels=16,
         channel_mult=(1, 2, 2),
-        num_blocks=2,
+        num_blocks=1,
         attn_resolutions=(7,),
         mid_attention=True,
         channels_per_head=64,

@@ -7,19 +7,19 @@ that basis. Conventions (buffers, dtypes, class_labels) as in models/analytic.py
 """
 
 import torch
-from torch import nn
 
-from models.analytic import (LOG_2PI, _draw_components, _flat_input, _label_indices, _mask_components,
-                             _mixture_variance, _sigma_squared)
+from models.analytic import (LOG_2PI, AnalyticTeacher, _draw_components, _flat_input, _label_indices,
+                             _mask_components, _mixture_variance, _sigma_squared)
 
 
-class PPCAMixtureDenoiser(nn.Module):
+class PPCAMixtureDenoiser(AnalyticTeacher):
     """Exact denoiser of a mixture of probabilistic PCA models; build one with `PPCAMixtureDenoiser.fit(images)`.
 
     means [K, *shape], basis U [K, D, q] (orthonormal columns), eigenvalues lam [K, q] (>= noise variance),
     noise_variances s^2 [K], weights [K], component_labels [K] (the class of each component; default: its index).
     Per call the cost is O(B K D q): (C + sigma^2 I)^-1 acts as 1/(lam + sigma^2) on span U and 1/(s^2 + sigma^2)
-    on its complement, so no D x D matrix is ever formed.
+    on its complement, so no D x D matrix is ever formed. A fitted mixture is saved with `export_state()` and rebuilt,
+    exactly and without fitting, with `PPCAMixtureDenoiser.from_state(state)` (models.analytic.AnalyticTeacher).
     """
 
     def __init__(self, means, basis, eigenvalues, noise_variances, weights, component_labels=None):

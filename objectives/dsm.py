@@ -27,6 +27,24 @@ SIGMA_SAMPLERS = ("lognormal", "vp", "flow")
 WEIGHTINGS = ("target", "edm", "uniform")
 
 
+def loss_weight(weighting, parameterisation, sigma, sigma_data):
+    """lambda(sigma) of one of WEIGHTINGS (module docstring) for a denoiser of `parameterisation`."""
+    if weighting == "uniform":
+        return torch.ones_like(sigma)
+    kind = "edm" if weighting == "edm" else parameterisation
+    c_out = preconditioning(kind, sigma, sigma_data)[1]
+    return 1 / c_out**2
+
+
+def denoising_loss(denoiser, x0, sigma, weight, class_labels=None):
+    """EDM's Eq. 2 on a batch: mean_b weight_b * mean_elements (D(x0 + sigma_b n, sigma_b) - x0)^2, n ~ N(0, I) drawn
+    here; sigma and weight are [B]. Used by DSM and by the fake scores of the distribution-matching objectives."""
+    noise = torch.randn_like(x0)
+    x0_hat = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma, class_labels)
+    per_sample = (x0_hat - x0).float().square().flatten(1).mean(1)
+    return (weight * per_sample).mean()
+
+
 class DSM(Objective):
     """Diffusion teacher by denoising score matching (EDM; eps / v / x0 / flow-matching variants)."""
 
@@ -55,24 +73,21 @@ class DSM(Objective):
         return flow_sigma(t.clamp(1e-5, 1 - 1e-5))
 
     def weight(self, sigma):
-        if self.weighting == "uniform":
-            return torch.ones_like(sigma)
-        kind = "edm" if self.weighting == "edm" else self.parameterisation
-        c_out = preconditioning(kind, sigma, self.sigma_data)[1]
-        return 1 / c_out**2
+        return loss_weight(self.weighting, self.parameterisation, sigma, self.sigma_data)
 
     def loss(self, role, batch, step):
         x0, labels = batch
-        denoiser = self.networks["denoiser"]
         sigma = self.sample_sigma(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
-        x0_hat = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma, labels if self.conditional else None)
-        per_sample = (x0_hat - x0).float().square().flatten(1).mean(1)
-        loss = (self.weight(sigma) * per_sample).mean()
+        loss = denoising_loss(self.networks["denoiser"], x0, sigma, self.weight(sigma),
+                              labels if self.conditional else None)
         return loss, {"loss": loss.detach()}
 
     def denoiser(self):
         return self.networks["denoiser"]
+
+    def sampler(self):
+        """The teacher's own solver and schedule (objective.solver / schedule / sigma_min / sigma_max / rho)."""
+        return self.solver, self.schedule, dict(self.schedule_kwargs)
 
     def generate(self, z, nfe, cond=None):
         sigmas = sigmas_for_nfe(self.solver, nfe, self.schedule, **self.schedule_kwargs).to(z.device)

@@ -30,7 +30,7 @@ class KD(Objective):
     eval_nfe = 1  # the NFE the student samples with (the loop's sample grids and quality report use it)
 
     def __init__(self, backbone, teacher=None, parameterisation="teacher", sigma_data=None, distance="mse",
-                 solver="heun", nfe=35, schedule="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0, n=10000):
+                 solver="heun", nfe=35, schedule="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0, n=2000):
         super().__init__()
         if teacher is None:
             raise ValueError("kd needs a teacher: pass --teacher RUN (a trained denoiser) whose ODE map the student "

@@ -105,6 +105,11 @@ class Reflow(Objective):
     def denoiser(self):
         return self.networks["student"] if self.mode == "flow" else None
 
+    def sampler(self):
+        """mode="flow": the flow's own solver and schedule (RF's Euler on flow_uniform by default); mode="distill"
+        samples with `generate` (one step), so None."""
+        return (self.solver, self.schedule, dict(self.schedule_kwargs)) if self.mode == "flow" else None
+
     def generate(self, z, nfe, cond=None):
         student = self.networks["student"]
         if self.mode == "distill":

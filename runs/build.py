@@ -2,7 +2,7 @@
 from data import DATASETS
 from models import BACKBONES
 from objectives import OBJECTIVES, pick
-from runs.config import constructor_defaults, kwargs, merge, resolve, resolve_component
+from runs.config import constructor_defaults, kwargs, merge, resolve, resolve_component, resolve_train
 
 
 def data_derived(backbone_name, dataset, conditional):
@@ -31,7 +31,7 @@ def complete_config(config):
     data_cfg = resolve_component("data", config.get("data", {}))
     dataset = DATASETS[data_cfg["name"]](**kwargs(data_cfg))
     backbone = config.get("backbone", {})
-    conditional = bool(config.get("train", {}).get("conditional", False))
+    conditional = resolve_train(config.get("train", {}))["conditional"]  # values checked before they are used
     for key, value in data_derived(backbone.get("name"), dataset, conditional).items():
         if key in backbone and backbone[key] != value:
             raise ValueError(f"backbone.{key}={backbone[key]} does not match the data ({value})")
@@ -53,14 +53,21 @@ def build_dataset(config):
 
 def load_run(path, device="cpu", ema=True, **injected):
     """(config, objective) of a finished or running run: a run directory or a checkpoint file. The networks hold the
-    EMA weights unless ema=False, are on `device`, in eval mode and frozen."""
+    EMA weights unless ema=False, are on `device`, in eval mode and frozen.
+
+    A student is rebuilt with its teacher, as in training: the one its checkpoint records (runs.teacher.teacher_record:
+    an analytic teacher's saved parameters, no fitting; a trained teacher from its absolute path, checked by
+    fingerprint), so this works from any directory. A checkpoint without a record (older runs) rebuilds the teacher
+    from the config's settings (re-fitting an analytic one)."""
     from runs.checkpoint import load_checkpoint
     state = load_checkpoint(path)
     config = state["config"]
     if "teacher" in config and "teacher" not in injected:  # a student: rebuilt with its teacher, as in training
         from runs.teacher import load_teacher
-        injected["teacher"] = load_teacher(config["teacher"], build_dataset(config), config["train"]["conditional"],
-                                           device)[0]
+        record = state.get("teacher")
+        dataset = build_dataset(config) if record is None else None
+        injected["teacher"] = load_teacher(config["teacher"], dataset, config["train"]["conditional"], device,
+                                           record=record, run=path)[0]
     objective = build_objective(config, **injected).to(device)
     if hasattr(objective, "load_state_dict"):
         objective.load_state_dict(state.get("objective", {}))

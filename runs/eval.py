@@ -6,7 +6,13 @@ against N seeded-random reference images, so that the number is comparable with 
 
     python -m runs.eval --floor --metric fid-mnist --n 2000     # n reference digits against n OTHER ones
 
-swd / mmd on images compare the flattened pixels in [-1, 1].
+--metric takes a comma-separated list; the mode-coverage metrics print several numbers each:
+
+    python -m runs.eval samples.npz --metric fid-mnist,precision-recall-mnist,class-histogram-mnist --n 2000
+    python -m runs.eval samples.npz --metric precision-recall --ref data.npz --k 3     # raw vectors (toy data)
+
+swd / mmd / precision-recall on images compare the flattened pixels in [-1, 1]. Precision / recall depend on k and
+on the set sizes: compare numbers at the same --n and --k only. `mnist_report` is the same for code (the bench).
 """
 import argparse
 import inspect
@@ -16,11 +22,14 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from metrics import METRICS
+from metrics import DEFAULT_K, METRICS, mnist_metrics
 from runs.cli import cli_errors, pick_device
+from runs.images import to_uint8
 
-VECTOR_METRICS = ("swd", "mmd")
+VECTOR_METRICS = ("swd", "mmd", "precision-recall")
+MNIST_GROUPS = {"fid-mnist": "fid", "precision-recall-mnist": "manifold", "class-histogram-mnist": "classes"}
 
 
 def load_array(path):
@@ -67,37 +76,112 @@ def reference_split(reference, n, seed=0):
     return reference[order[:n]], reference[order[n:2 * n]]
 
 
-def score(name, samples, reference, device):
-    """METRICS[name](samples, reference), after checking they match (images are flattened for swd / mmd)."""
+def parse_metrics(text):
+    """'fid-mnist,precision-recall-mnist' -> ['fid-mnist', 'precision-recall-mnist'], each checked against METRICS."""
+    names = [name.strip() for name in str(text).split(",")]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric {', '.join(map(repr, unknown)) or repr(text)}; known: "
+                         f"{', '.join(sorted(METRICS))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"metric named twice in {text!r}")
+    return names
+
+
+def score(name, samples, reference, device, mnist_net=None, **options):
+    """METRICS[name](samples, reference), after checking they match (images are flattened for swd / mmd /
+    precision-recall); options (k, min_share, ...) go to the metrics whose signature takes them, and mnist_net (a
+    loaded MNIST feature net) to the *-mnist ones as their `net`."""
     if (samples.dtype == np.uint8) != (reference.dtype == np.uint8) or samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples {samples.dtype} {list(samples.shape[1:])} and reference {reference.dtype} "
                          f"{list(reference.shape[1:])} are not the same kind of data")
     if name in VECTOR_METRICS and samples.dtype == np.uint8:
         samples, reference = (a.reshape(len(a), -1).astype(np.float64) / 127.5 - 1 for a in (samples, reference))
     fn = METRICS[name]
-    kwargs = {"device": device} if "device" in inspect.signature(fn).parameters else {}
+    parameters = inspect.signature(fn).parameters
+    if mnist_net is not None and name.endswith("-mnist"):
+        options = {**options, "net": mnist_net}
+    kwargs = {key: value for key, value in {"device": device, **options}.items() if key in parameters}
     return fn(samples, reference, **kwargs)
+
+
+def score_all(names, samples, reference, device, **options):
+    """{name: score(name, ...)} for each name, with the MNIST metrics among them (MNIST_GROUPS) computed by one
+    mnist_metrics call, so that each set goes through the feature net once however many of them are asked for."""
+    grouped = [name for name in names if name in MNIST_GROUPS]
+    values = {}
+    if len(grouped) > 1:
+        if samples.dtype != np.uint8 or reference.dtype != np.uint8 or samples.shape[1:] != reference.shape[1:]:
+            raise ValueError(f"{', '.join(grouped)} need uint8 images for both samples ({samples.dtype}) and "
+                             f"reference ({reference.dtype}) of one shape")
+        flags = {group: name in grouped for name, group in MNIST_GROUPS.items()}
+        report = mnist_metrics(samples, reference, net=options.get("mnist_net"), device=device,
+                               k=options.get("k", DEFAULT_K), min_share=options.get("min_share"), **flags)
+        if "fid-mnist" in grouped:
+            values["fid-mnist"] = report.pop("fid_mnist")
+        if "precision-recall-mnist" in grouped:
+            values["precision-recall-mnist"] = {key: report.pop(key)
+                                                for key in ("precision", "recall", "density", "coverage")}
+        if "class-histogram-mnist" in grouped:
+            values["class-histogram-mnist"] = report
+    return {name: values[name] if name in values else score(name, samples, reference, device, **options)
+            for name in names}
+
+
+def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None, k=DEFAULT_K, min_share=None):
+    """{fid_mnist, precision, recall, density, coverage, classes_covered, class_tv_uniform, class_kl_uniform,
+    class_tv_reference, class_kl_reference, ..., n} of MNIST samples (uint8 [N, 1, 28, 28] or float in [-1, 1],
+    numpy or torch) against n seeded-random real digits (reference_split, as the CLI's --n): the first n samples
+    (default all) against n reference images (default: the shipped digits). Pass net to load the feature net once."""
+    if isinstance(samples, torch.Tensor):
+        samples = (samples if samples.dtype == torch.uint8 else to_uint8(samples.detach())).cpu().numpy()
+    samples = np.asarray(samples)
+    if samples.dtype != np.uint8:
+        raise ValueError(f"MNIST samples must be uint8 images or a float tensor in [-1, 1], got {samples.dtype}")
+    samples = samples[:, None] if samples.ndim == 3 else samples
+    if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"MNIST samples must be [N, 1, 28, 28] or [N, 28, 28], got {list(samples.shape)}")
+    reference = default_reference() if reference is None else np.asarray(reference)
+    n = len(samples) if n is None else n
+    if not k < n <= min(len(samples), len(reference)):
+        raise ValueError(f"n must be more than k={k} and at most the {len(samples)} samples and the "
+                         f"{len(reference)} reference images, got n={n}")
+    real = reference_split(reference, n, seed)[0]
+    return {**mnist_metrics(samples[:n], real, net=net, device=device, k=k, min_share=min_share), "n": n}
+
+
+def _format(name, value):
+    if not isinstance(value, dict):
+        return f"{name} {value:.4f}"
+    parts = [f"{key} {item:.4f}" if isinstance(item, float) else f"{key} {item}" for key, item in value.items()
+             if not isinstance(item, list)]
+    lists = [f"{key} [{' '.join(f'{x:.3f}' for x in item)}]" for key, item in value.items() if isinstance(item, list)]
+    return f"{name}: {', '.join(parts + lists)}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m runs.eval", description=__doc__.splitlines()[0])
     p.add_argument("samples", nargs="?", help=".npz written by runs.sample (omit with --floor)")
-    p.add_argument("--metric", default="fid-mnist", help=f"one of: {', '.join(METRICS)}")
+    p.add_argument("--metric", default="fid-mnist", help=f"comma-separated, from: {', '.join(METRICS)}")
     p.add_argument("--ref", help=".npz with the reference `images` or `samples` (default: the shipped MNIST digits)")
     p.add_argument("--n", type=int, help="number of samples and of reference items (default: all; --floor: 2000)")
     p.add_argument("--floor", action="store_true", help="score n reference items against n other ones")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsets")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="neighbour of the precision-recall manifolds' radii")
+    p.add_argument("--min-share", type=float, help="share of the samples that makes a class covered "
+                                                   "(class-histogram-mnist; default half the uniform share)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write a JSON dict to PATH (default stdout)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     with cli_errors():
         start = time.time()
-        if args.metric not in METRICS:
-            raise ValueError(f"unknown metric {args.metric!r}; known: {', '.join(sorted(METRICS))}")
+        names = parse_metrics(args.metric)
         if args.floor == (args.samples is not None):
             raise ValueError("give either a samples .npz or --floor, not both or neither")
         if args.n is not None and args.n < 2:
             raise ValueError(f"--n must be at least 2, got {args.n}")
+        if args.k < 1:
+            raise ValueError(f"--k must be at least 1, got {args.k}")
         device = pick_device(args.device)
         samples = None if args.floor else load_array(args.samples)
         if args.ref:
@@ -116,16 +200,24 @@ def main(argv=None):
                 raise ValueError(f"--n {args.n} is more than the {len(samples)} samples or the {len(reference)} "
                                  f"reference items")
             samples, reference = samples[:args.n], reference_split(reference, args.n, args.seed)[0]
-        value = score(args.metric, samples, reference, device)
-        result = {"metric": args.metric, "value": value, "samples": "floor" if args.floor else args.samples,
+        options = {"k": args.k, "min_share": args.min_share}
+        if any(name.endswith("-mnist") for name in names):
+            from metrics.mnist_net import load_mnist_feature_net
+            options["mnist_net"] = load_mnist_feature_net(device=device)  # loaded once for all the MNIST metrics
+        values = score_all(names, samples, reference, device, **options)
+        result = {"metric": args.metric, "values": values, "samples": "floor" if args.floor else args.samples,
                   "reference": args.ref or "mnist (shipped)", "n_samples": len(samples),
-                  "n_reference": len(reference), "seed": args.seed, "seconds": round(time.time() - start, 2)}
-        line = (f"{args.metric} {value:.4f} ({result['samples']}: {len(samples)} vs {len(reference)} reference, "
-                f"{result['seconds']:.1f} s)")
+                  "n_reference": len(reference), "seed": args.seed, "k": args.k,
+                  "seconds": round(time.time() - start, 2)}
+        if len(names) == 1:
+            result["value"] = values[names[0]]
+        lines = [_format(name, value) for name, value in values.items()]
+        lines[-1] += (f" ({result['samples']}: {len(samples)} vs {len(reference)} reference, "
+                      f"{result['seconds']:.1f} s)")
         if args.json == "-":
             print(json.dumps(result))
         else:
-            print(line)
+            print("\n".join(lines))
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -5,9 +5,21 @@ denoiser (a diffusion teacher), any solver in SOLVERS samples it on any schedule
 is counted and reported; one-step and few-step students sample with their own `generate`. `--out` ending in `.npz`
 writes `images` uint8 [N, C, H, W] at the data's own resolution (plus `labels` when conditional; vector data:
 `samples` float32 [N, D]); ending in `.png` writes a grid.
+
+`--schedule` is a schedule name (solvers.SCHEDULES) or a schedule FILE, e.g. one fitted by runs.optimise_schedule:
+
+    python -m runs.optimise_schedule RUN --solver heun --nfe 10 --out sched.txt
+    python -m runs.sample RUN --schedule sched.txt            # heun at 10 NFE, from the file's metadata
+
+A file holds the sigmas themselves, so it must have exactly the number of steps the solver takes at the NFE asked
+for (as solvers.sigmas_for_nfe counts them). A file written by runs.optimise_schedule names its solver and NFE, which
+are then the defaults for --solver and --nfe and must agree with them when given; a plain list of sigmas (text or
+.json, no metadata) samples with --solver (default: the run's own) at --nfe (default 35). Anything else is one line
+and exit code 2.
 """
 import argparse
 import inspect
+import os
 import time
 from pathlib import Path
 
@@ -20,15 +32,76 @@ from runs.cli import cli_errors, pick_device
 from runs.images import save_image_grid, to_uint8
 from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 from solvers.common import CountingDenoiser
+from solvers.optimise import load_schedule
+
+DEFAULT_NFE = 35
+
+
+def schedule_file(schedule):
+    """The path of `schedule` when it names a schedule file rather than a schedule in SCHEDULES, else None; a name
+    that is neither is a ValueError listing both kinds."""
+    if not isinstance(schedule, (str, os.PathLike)) or schedule in SCHEDULES:
+        return None
+    if Path(schedule).is_file():
+        return Path(schedule)
+    raise ValueError(f"--schedule {schedule}: neither a schedule ({', '.join(sorted(SCHEDULES))}) nor an existing "
+                     "schedule file (e.g. one written by python -m runs.optimise_schedule)")
+
+
+def read_schedule_file(path):
+    """(sigmas, meta) of a schedule file, every way it can be unreadable a one-line ValueError naming it."""
+    try:
+        sigmas, meta = load_schedule(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"schedule file {path} is not text (expected sigmas, one per line, or a .json list)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"schedule file {path}: its '# meta:' line is not a JSON object")
+    return sigmas, meta
+
+
+def file_sigmas(path, solver, nfe):
+    """The sigmas of schedule file `path` for `solver` (a function of SOLVERS) at exactly `nfe` evaluations: the
+    file must have the number of steps sigmas_for_nfe gives that solver and NFE, and the solver and NFE its
+    metadata names (runs.optimise_schedule writes them), if any."""
+    sigmas, meta = read_schedule_file(path)
+    name = next((k for k, v in SOLVERS.items() if v is solver), getattr(solver, "__name__", "the solver"))
+    fitted = meta.get("solver"), meta.get("nfe")
+    if (fitted[0] is not None and SOLVERS.get(fitted[0]) is not solver) or fitted[1] not in (None, nfe):
+        raise ValueError(f"schedule file {path} was made for {fitted[0] or name} at {fitted[1] or nfe} NFE, not "
+                         f"{name} at {nfe} NFE: drop --solver / --nfe to use the file's, or fit one with "
+                         f"python -m runs.optimise_schedule RUN --solver {name} --nfe {nfe}")
+    steps = len(sigmas_for_nfe(solver, nfe)) - 1
+    if len(sigmas) - 1 != steps:
+        raise ValueError(f"schedule file {path} has {len(sigmas) - 1} steps; {name} at {nfe} NFE takes {steps}: give "
+                         f"the --nfe it was made for, or a file of {steps} sigmas > 0 (then 0)")
+    return sigmas
+
+
+def file_defaults(schedule, solver, nfe):
+    """(solver, nfe) for the command line: a schedule file's own solver and NFE where --solver / --nfe are not given
+    (then the run's own solver and 35 NFE)."""
+    path = schedule_file(schedule)
+    meta = read_schedule_file(path)[1] if path is not None else {}
+    if solver is None and meta.get("solver") is not None:
+        pick(SOLVERS, meta["solver"], f"solver (named by schedule file {path})")
+        solver = meta["solver"]
+    if nfe is None:
+        nfe = meta.get("nfe", DEFAULT_NFE)
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"schedule file {path}: its metadata names nfe={nfe!r}, not an integer >= 1")
+    if path is not None and solver is not None:  # fail before loading the run where the solver is known already
+        file_sigmas(path, pick(SOLVERS, solver, "solver"), nfe)
+    return solver, nfe
 
 
 def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, seed=0, device="cpu", labels=None):
     """(samples [n, ...] in data space, labels or None, measured NFE per sample, images per second).
 
-    A run whose method samples with a solver (a diffusion teacher, a reflow model) is integrated in float64 with its
-    own solver and schedule, or with `solver` / `schedule` when given (any run that yields a denoiser); other methods
-    (one-step students, progressive distillation's nested grid) sample with their own `generate`. NFE counts the
-    network evaluations either way."""
+    A run whose method samples with a solver (`objective.sampler()`: a diffusion teacher, a reflow model) is integrated
+    in float64 with its own solver and schedule, or with `solver` / `schedule` when given (any run that yields a
+    denoiser); `schedule` is a name in SCHEDULES or a schedule file (`file_sigmas`). Other methods (one-step students,
+    progressive distillation's nested grid) sample with their own `generate`. NFE counts the network evaluations
+    either way."""
     device = torch.device(device)
     dataset = build_dataset(config)
     conditional = config["train"]["conditional"]
@@ -40,18 +113,20 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
     if (solver is not None or schedule is not None) and denoiser is None:
         raise ValueError(f"objective {config['objective']['name']!r} samples with its own generator; drop "
                          "--solver / --schedule")
-    use_solver = denoiser is not None and (solver is not None or schedule is not None
-                                           or hasattr(objective, "schedule_kwargs"))
+    own = objective.sampler()  # (solver, schedule, schedule_kwargs) or None
+    use_solver = denoiser is not None and (solver is not None or schedule is not None or own is not None)
     if use_solver:
-        solver = pick(SOLVERS, solver, "solver") if solver else getattr(objective, "solver", SOLVERS["heun"])
-        if schedule is None and hasattr(objective, "schedule_kwargs"):
-            schedule, kwargs = objective.schedule, objective.schedule_kwargs
+        solver = pick(SOLVERS, solver, "solver") if solver else own[0] if own else SOLVERS["heun"]
+        path = schedule_file(schedule)
+        if path is not None:
+            sigmas = file_sigmas(path, solver, nfe)
+        elif schedule is None and own is not None:
+            sigmas = sigmas_for_nfe(solver, nfe, own[1], **own[2])
         else:
             name = schedule or config["objective"].get("schedule", "karras")
-            schedule = pick(SCHEDULES, name, "schedule")
             levels = {k: config["objective"][k] for k in ("sigma_min", "sigma_max", "rho") if k in config["objective"]}
-            kwargs = schedule_kwargs(name, **levels)
-        sigmas = sigmas_for_nfe(solver, nfe, schedule, **kwargs).to(device)
+            sigmas = sigmas_for_nfe(solver, nfe, pick(SCHEDULES, name, "schedule"), **schedule_kwargs(name, **levels))
+        sigmas = sigmas.to(device)
         options = options_for_nfe(solver, nfe)
         if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
             options["generator"] = torch.Generator(device).manual_seed(seed + 1)
@@ -109,8 +184,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m runs.sample", description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory or checkpoint file")
     p.add_argument("--solver", help="solver name (default: the run's own)")
-    p.add_argument("--schedule", help="schedule name (default: the run's own)")
-    p.add_argument("--nfe", type=int, default=35, help="denoiser evaluations per sample")
+    p.add_argument("--schedule", help="schedule name, or a schedule file from runs.optimise_schedule (default: the "
+                                      "run's own)")
+    p.add_argument("--nfe", type=int, help=f"denoiser evaluations per sample (default: a schedule file's own, else "
+                                           f"{DEFAULT_NFE})")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -121,10 +198,11 @@ def main(argv=None):
     with cli_errors():
         if not args.out.endswith((".npz", ".png")):
             raise ValueError(f"--out must end in .npz or .png: {args.out}")
+        solver, nfe = file_defaults(args.schedule, args.solver, args.nfe)  # checked before the run is loaded
         device = pick_device(args.device)
         config, objective = load_run(args.run, device, ema=not args.no_ema)
-        samples, labels, nfe, rate = sample(objective, config, args.n, args.nfe, args.solver, args.schedule,
-                                            args.batch, args.seed, device)
+        samples, labels, nfe, rate = sample(objective, config, args.n, nfe, solver, args.schedule, args.batch,
+                                            args.seed, device)
         write(samples, labels, args.out)
         print(f"wrote {len(samples)} samples to {args.out} (NFE {nfe:g} measured, {rate:.1f} samples/s on {device})")
 

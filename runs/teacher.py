@@ -11,9 +11,20 @@ run's data set, so every distillation method runs with nothing else present:
 Objectives that learn from teacher rollouts declare `rollouts` (solver, NFE, schedule, saved sigmas, count); the
 run generates them once into `<run>/rollouts` (resumable: a killed run keeps its finished shards), or reads a store
 made by `python -m runs.make_pairs` (`teacher.trajectories`), checked against the teacher's fingerprint.
+
+A student's checkpoint records its teacher (`teacher_record`, under the key "teacher"), so that sampling or reloading
+the student needs neither the directory it was trained from nor a new fit:
+
+    {"kind": "run", "path": absolute path, "fingerprint": sha256, "state": {}}       a trained teacher run
+    {"kind": "gmm" | "ppca" | "empirical", "path": None, "fingerprint": sha256,
+     "state": the fitted parameters (models.analytic.AnalyticTeacher.export_state)}  an analytic teacher
+
+`load_teacher(..., record=record)` rebuilds an analytic teacher from its parameters (no fitting) and loads a trained
+one from its absolute path, refusing in one line a teacher file that is gone or whose weights changed (fingerprint).
 """
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +34,7 @@ from models.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser
 from models.ppca import PPCAMixtureDenoiser
 
 ANALYTIC = ("auto", "gmm", "ppca", "empirical")
+ANALYTIC_CLASSES = {"gmm": GaussianMixtureDenoiser, "ppca": PPCAMixtureDenoiser, "empirical": EmpiricalDenoiser}
 
 
 @dataclasses.dataclass
@@ -43,10 +55,79 @@ def teacher_config(path):
     return load_checkpoint(path)["config"]
 
 
-def load_teacher(settings, dataset, conditional, device):
-    """(frozen teacher on `device`, a one-line description) per the `teacher` settings."""
+def absolute(path):
+    """`path` made absolute against the current directory (no symlinks resolved), as a string."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def teacher_record(teacher, settings):
+    """What a student's checkpoint keeps of its teacher (plain tensors and python values: weights_only loads it):
+    kind ("run" for a trained teacher at settings.path, else "gmm" / "ppca" / "empirical", or "module" for a teacher
+    given in code that is neither), the absolute path of a trained one, its data.trajectories.fingerprint, and an
+    analytic teacher's fitted parameters."""
+    s = settings if isinstance(settings, TeacherSettings) else TeacherSettings(**settings)
+    record = {"kind": "module", "path": None, "fingerprint": fingerprint(teacher), "state": {}}
+    if s.path:
+        record.update(kind="run", path=absolute(s.path))
+    else:
+        kind = next((k for k, cls in ANALYTIC_CLASSES.items() if type(teacher) is cls), None)
+        if kind is not None:
+            record.update(kind=kind, state=teacher.export_state())
+    return record
+
+
+def teacher_from_record(record, device):
+    """(frozen teacher on `device`, description) rebuilt from a `teacher_record`, without fitting anything; a trained
+    teacher's file must still be at its recorded path with the recorded weights."""
+    kind, path, expected = record.get("kind"), record.get("path"), record.get("fingerprint")
+    if kind == "run":
+        if not Path(path).exists():
+            raise FileNotFoundError(f"the teacher this run was trained with, {path}, is missing (moved or deleted); "
+                                    "put it back there to sample or reload the run")
+        from runs.build import load_run
+        _, objective = load_run(path, device)
+        teacher = objective.denoiser()
+        found = None if teacher is None else fingerprint(teacher)
+        if found != expected:
+            raise ValueError(f"the teacher at {path} is not the one this run was trained with (it changed: "
+                             f"fingerprint {str(found)[:12]}, recorded {str(expected)[:12]}); put the original "
+                             "teacher back there")
+        return teacher, f"run {path}"
+    if kind not in ANALYTIC_CLASSES:
+        raise ValueError(f"this run's teacher ({kind!r}) was given in code and cannot be rebuilt from its checkpoint: "
+                         "pass it again, e.g. runs.build.load_run(path, teacher=...)")
+    teacher = ANALYTIC_CLASSES[kind].from_state(record["state"])
+    if fingerprint(teacher) != expected:
+        raise ValueError(f"the analytic {kind} teacher saved in this run's checkpoint does not match its recorded "
+                         "fingerprint (corrupt checkpoint?)")
+    return teacher.to(device).eval().requires_grad_(False), f"analytic {kind} (saved with the run)"
+
+
+def find_teacher(path, run):
+    """A teacher path as recorded in an older run's config: as given when it exists from here, else, when relative
+    (to the directory the run was trained from), looked up from the run's directory and each directory above it.
+    Runs that record their teacher (teacher_record) keep its absolute path instead."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute() or run is None:
+        return str(given)
+    start = Path(absolute(run))
+    for directory in ([start] if start.is_dir() else []) + list(start.parents):
+        if (directory / given).exists():
+            return str(directory / given)
+    raise FileNotFoundError(f"teacher {path} (relative to the directory the run {run} was trained from) not found from "
+                            "here nor from the run's directory or any above it; run from the training directory")
+
+
+def load_teacher(settings, dataset, conditional, device, record=None, run=None):
+    """(frozen teacher on `device`, a one-line description) per the `teacher` settings; with `record` (a
+    `teacher_record` from the run's checkpoint) the recorded teacher, rebuilt without fitting and checked
+    (`dataset` may then be None). `run`: the run directory or checkpoint whose teacher this is, where an older run's
+    relative teacher path is also looked for."""
+    if record is not None:
+        return teacher_from_record(record, device)
     s = settings if isinstance(settings, TeacherSettings) else TeacherSettings(**settings)
     if s.path:
+        s = dataclasses.replace(s, path=find_teacher(s.path, run))
         from runs.build import load_run
         _, objective = load_run(s.path, device)
         teacher = objective.denoiser()

@@ -16,7 +16,6 @@ Exact resume: the batch at step k is a pure function of (seed, k) (see `BatchOrd
 networks, EMA, optimisers, scaler, step and RNG states, so a run stopped at step k and resumed ends with the same
 weights as one never stopped.
 """
-import argparse
 import contextlib
 import itertools
 import json
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from models.ema import ema_beta, make_ema, update_ema
 from runs.build import build_dataset, build_objective, complete_config
 from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device
 from models import BACKBONES
 from objectives import pick
 from runs.config import (TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, role_settings,
@@ -42,7 +41,7 @@ from runs.rundir import claimed
 from objectives.base import using_networks
 from runs.images import save_image_grid
 from runs.quality import one_step_quality
-from runs.teacher import load_teacher, rollout_store
+from runs.teacher import absolute, load_teacher, rollout_store, teacher_record
 
 
 class BatchOrder:
@@ -152,11 +151,13 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                          f"of train.micro_batch={s.micro_batch}")
 
     dataset = build_dataset(config) if dataset is None else dataset
-    injected = {}
+    injected, teacher_state = {}, None
     if "teacher" in config:
-        teacher, teacher_description = (load_teacher(config["teacher"], dataset, s.conditional, device)
+        record = load_checkpoint(Path(run_dir) / "checkpoint.pt").get("teacher") if resume else None  # no re-fit
+        teacher, teacher_description = (load_teacher(config["teacher"], dataset, s.conditional, device, record=record)
                                         if teacher is None else (teacher.to(device).eval().requires_grad_(False), "given"))
         injected["teacher"] = teacher
+        teacher_state = teacher_record(teacher, config["teacher"])  # what sampling the student needs, no re-fit
     objective = build_objective(config, **injected)
     config["optim"] = role_settings(objective, config["train"], config.get("optim", {}))
     roles = config["optim"]
@@ -240,6 +241,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                     sums[f"{role}/grad_norm"] = sums.get(f"{role}/grad_norm", 0) + norm.detach().float()
                 scaler.step(optimizer)
                 scaler.update()
+                optimizer.zero_grad(set_to_none=True)  # an idle role holds no gradient memory
                 if role in ema:
                     update_ema(ema[role], net, ema_beta((step + 1) * s.batch_size, s.batch_size,
                                                         r["ema_halflife_kimg"], s.ema_rampup))
@@ -253,7 +255,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                 bad = int(first_bad_step)  # the one host sync per log interval
                 if bad >= 0:
                     raise FloatingPointError(f"loss is not finite (nan or inf) at step {bad}; stopped. "
-                                             f"{last_good(run_dir / 'checkpoint.pt')}")
+                                             f"{last_good(run_dir, bad, main_process)}")
                 n = step - tic_step
                 record = {k: float(v) / n for k, v in sums.items()}
                 record.update(step=step, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9),
@@ -266,13 +268,15 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             if checkpoint_now and main_process:
                 if not all_finite([*nets.values(), *ema.values()]):  # a finite loss can still leave diverged weights
                     raise FloatingPointError(f"weights are not finite after step {step}; stopped. "
-                                             f"{last_good(run_dir / 'checkpoint.pt')}")
+                                             f"{last_good(run_dir, step, main_process)}")
+                if (run_dir / "checkpoint.pt").exists():  # kept until the new one's weights give a finite loss
+                    os.replace(run_dir / "checkpoint.pt", run_dir / "checkpoint_prev.pt")
                 save_checkpoint({"step": step, "config": config,
                                  "networks": {role: net.state_dict() for role, net in nets.items()},
                                  "ema": {role: net.state_dict() for role, net in sampling_nets.items()},
                                  "optimizers": {role: o.state_dict() for role, o in optimizers.items()},
                                  "scalers": {role: sc.state_dict() for role, sc in scalers.items()},
-                                 "rng": rng_state(), "objective": objective.state_dict(),
+                                 "rng": rng_state(), "objective": objective.state_dict(), "teacher": teacher_state,
                                  "elapsed_sec": elapsed_before + time.time() - start}, run_dir / "checkpoint.pt")
                 last_checkpoint = time.time()
             if s.sample_every and step % s.sample_every == 0 and main_process and len(dataset.shape) == 3:
@@ -307,9 +311,16 @@ def shared_rollouts(objective, teacher, description, config, run_dir, dataset, d
     return store
 
 
-def last_good(path):
+def last_good(run_dir, bad_step, main_process=True):
+    """Keep the newest checkpoint whose weights gave a finite loss: one saved at `bad_step` holds the weights that
+    gave the first non-finite loss, so the one before it (checkpoint_prev.pt) takes its place. Returns a sentence."""
+    path, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint_prev.pt"
+    if main_process and path.exists() and load_checkpoint(path)["step"] >= bad_step:
+        os.replace(path, run_dir / "checkpoint_diverged.pt")
+        if previous.exists():
+            os.replace(previous, path)
     if not path.exists():
-        return "No checkpoint had been written yet."
+        return "No good checkpoint had been written yet."
     return f"The last good checkpoint, {path}, is kept (step {load_checkpoint(path)['step']})."
 
 
@@ -376,6 +387,7 @@ def make_config(args):
         named = any("name" in c.get("backbone", {}) for c in (preset, flags, overrides))
         inherited = inherited_from_teacher(teacher_path, config["backbone"]["name"] if named else None)
         config = merge(defaults, inherited, preset, flags, overrides)
+        config["teacher"]["path"] = absolute(teacher_path)  # the student's record works from any directory
     return complete_config(config)
 
 
@@ -393,7 +405,7 @@ def inherited_from_teacher(path, backbone_name=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.train", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.train", description=__doc__.splitlines()[0])
     p.add_argument("--backbone", help="backbone name (python -m runs.list)")
     p.add_argument("--objective", help="objective name")
     p.add_argument("--data", help="data set name")
@@ -404,7 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run directory (default: out/<data>-<objective>-<backbone>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. backbone.model_channels=64 train.steps=1000")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None):

@@ -168,10 +168,11 @@ def test_bf16_autocast_forward():
     assert rel < 0.05, f"bf16 deviates from float32 by {rel:.3f}"
 
 
-def test_mnist_default_size():
+def test_default_and_earlier_mnist_sizes():
     n = UNet().num_params()
-    assert 0.5e6 < n < 3e6
+    assert n == 344161  # the CPU-sized default (16 channels, 1 block per level)
     assert n == sum(p.numel() for p in UNet().parameters())
+    assert UNet(model_channels=32, num_blocks=2).num_params() == 1901601  # the count the docstring gives
 
 
 def test_sdpa_attention_matches_softmax_formula():
