@@ -9,7 +9,6 @@ solvers  every registered solver against the exact ODE map of the analytic Gauss
 distill  every trajectory-distillation method against its teacher at the same NFE, on the analytic mixture (exact
          map error) and on MNIST (one-step MNIST-FID, images per second): see runs/bench_distill.py.
 """
-import argparse
 import csv
 import functools
 import json
@@ -25,7 +24,7 @@ from metrics.mnist_net import load_mnist_feature_net
 from runs.bench_distill import main as bench_distill_main
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.eval import default_reference, reference_split
 from runs.images import save_image_grid, to_uint8
 from runs.sample import sample
@@ -101,10 +100,10 @@ def teacher_markdown(summary, out):
 
 
 def teacher_main(argv):
-    p = argparse.ArgumentParser(prog="python -m runs.bench teacher", description="FID and speed of a trained "
+    p = ArgumentParser(prog="python -m runs.bench teacher", description="FID and speed of a trained "
                                 "MNIST teacher across solvers and NFE")
     p.add_argument("run")
-    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--n", type=positive_int, default=2000)
     p.add_argument("--out", default="bench/mnist_teacher")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)

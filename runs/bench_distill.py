@@ -13,7 +13,6 @@ mnist    The trained MNIST teacher. Each student is trained from it (rollouts fr
          bench uses, with images per second; the teacher is scored at 1, 2, 4, 8 and 35 NFE the same way.
 Both write <out>.md, <out>.csv and <out>.json (and a grid of each student's samples for mnist).
 """
-import argparse
 import csv
 import json
 import platform
@@ -24,7 +23,7 @@ import torch
 
 from objectives import OBJECTIVES
 from objectives.base import using_networks
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.train import make_config, parse_args, train
 from solvers import SOLVERS, options_for_nfe, sigmas_for_nfe
 
@@ -188,21 +187,21 @@ def mixture_markdown(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.bench distill", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.bench distill", description=__doc__.splitlines()[0])
     p.add_argument("part", choices=["mixture", "mnist"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help="default: all (mixture), those with a teacher (mnist)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps per method")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps per method")
     p.add_argument("--method-steps", nargs="*", default=[], metavar="METHOD=STEPS",
                    help="per-method step budgets overriding --steps (the costlier methods get fewer on a CPU)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra settings for every student run, e.g. train.batch_size=32")
-    p.add_argument("--n", type=int, default=1000, help="held-out noises (mixture) / samples for FID (mnist)")
+    p.add_argument("--n", type=positive_int, default=1000, help="held-out noises (mixture) / samples for FID (mnist)")
     p.add_argument("--teacher", default="bench/mnist_teacher.pt")
     p.add_argument("--trajectories", help="mnist: a store from runs.make_pairs (save_sigmas >= 4 serves dsno too)")
     p.add_argument("--out")
     p.add_argument("--append", action="store_true", help="keep <out>.json's rows, (re)measure only --methods")
-    p.add_argument("--extra-nfes", type=int, nargs="*", default=[],
+    p.add_argument("--extra-nfes", type=positive_int, nargs="*", default=[],
                    help="mnist: also score students that can sample with these NFE (consistency models: 2)")
     p.add_argument("--runs-dir", default="out/bench_distill", help="where the students' run directories go")
     p.add_argument("--device", default="auto")

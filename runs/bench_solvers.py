@@ -338,25 +338,25 @@ def write_result(result, out_prefix, plot=True):
 
 
 def parser():
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m runs.bench solvers", description=__doc__.splitlines()[0])
+    from runs.cli import ArgumentParser, positive_int
+    p = ArgumentParser(prog="python -m runs.bench solvers", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/solvers", help="output prefix")
-    p.add_argument("--dims", type=int, nargs="*", default=[2, 64, 3072], help="mixture dims (none: skip them)")
-    p.add_argument("--nfes", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10, 16, 32])
+    p.add_argument("--dims", type=positive_int, nargs="*", default=[2, 64, 3072], help="mixture dims (none: skip them)")
+    p.add_argument("--nfes", type=positive_int, nargs="+", default=[3, 4, 5, 6, 8, 10, 16, 32])
     p.add_argument("--solvers", nargs="+", help="default: all registered")
-    p.add_argument("--n", type=int, default=256, help="evaluation noises per mixture")
-    p.add_argument("--opt-n", type=int, default=256, help="noises the mixture schedules are fitted on")
+    p.add_argument("--n", type=positive_int, default=256, help="evaluation noises per mixture")
+    p.add_argument("--opt-n", type=positive_int, default=256, help="noises the mixture schedules are fitted on")
     p.add_argument("--opt-iters", type=int, default=300, help="0: no fitted schedules")
-    p.add_argument("--opt-dims", type=int, nargs="+", help="dims to fit schedules for (default: all)")
+    p.add_argument("--opt-dims", type=positive_int, nargs="+", help="dims to fit schedules for (default: all)")
     p.add_argument("--overhead-repeats", type=int, default=5, help="0: no overhead timing")
     p.add_argument("--mnist-run", help="a trained MNIST teacher run for the FID part")
-    p.add_argument("--mnist-n", type=int, default=2000)
-    p.add_argument("--mnist-nfes", type=int, nargs="+", default=[4, 6, 8, 10, 16])
-    p.add_argument("--mnist-opt-n", type=int, default=128, help="noises the MNIST schedules are fitted on")
+    p.add_argument("--mnist-n", type=positive_int, default=2000)
+    p.add_argument("--mnist-nfes", type=positive_int, nargs="+", default=[4, 6, 8, 10, 16])
+    p.add_argument("--mnist-opt-n", type=positive_int, default=128, help="noises the MNIST schedules are fitted on")
     p.add_argument("--mnist-opt-iters", type=int, default=150, help="0: Karras only on MNIST")
-    p.add_argument("--mnist-reference-nfe", type=int, default=255, help="Heun NFE of the MNIST reference solution")
+    p.add_argument("--mnist-reference-nfe", type=positive_int, default=255, help="Heun NFE of the MNIST reference solution")
     p.add_argument("--reference-cache", help="folder keeping reference solutions between runs")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes, one solver each (a GPU is "
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes, one solver each (a GPU is "
                    "launch-bound on these small denoisers); see runs/bench_solvers_shards.py")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into --out")
     p.add_argument("--device", default="auto")

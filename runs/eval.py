@@ -14,7 +14,6 @@ against N seeded-random reference images, so that the number is comparable with 
 swd / mmd / precision-recall on images compare the flattened pixels in [-1, 1]. Precision / recall depend on k and
 on the set sizes: compare numbers at the same --n and --k only. `mnist_report` is the same for code (the bench).
 """
-import argparse
 import inspect
 import json
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from metrics import DEFAULT_K, METRICS, mnist_metrics
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.images import to_uint8
 
 VECTOR_METRICS = ("swd", "mmd", "precision-recall")
@@ -160,14 +159,14 @@ def _format(name, value):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.eval", description=__doc__.splitlines()[0])
     p.add_argument("samples", nargs="?", help=".npz written by runs.sample (omit with --floor)")
     p.add_argument("--metric", default="fid-mnist", help=f"comma-separated, from: {', '.join(METRICS)}")
     p.add_argument("--ref", help=".npz with the reference `images` or `samples` (default: the shipped MNIST digits)")
-    p.add_argument("--n", type=int, help="number of samples and of reference items (default: all; --floor: 2000)")
+    p.add_argument("--n", type=positive_int, help="number of samples and of reference items (default: all; --floor: 2000)")
     p.add_argument("--floor", action="store_true", help="score n reference items against n other ones")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference subsets")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="neighbour of the precision-recall manifolds' radii")
+    p.add_argument("--k", type=positive_int, default=DEFAULT_K, help="neighbour of the precision-recall manifolds' radii")
     p.add_argument("--min-share", type=float, help="share of the samples that makes a class covered "
                                                    "(class-histogram-mnist; default half the uniform share)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write a JSON dict to PATH (default stdout)")

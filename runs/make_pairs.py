@@ -7,7 +7,6 @@ Luhman 2021) and reflow (Liu et al. 2023); `--save-sigmas 4` or a list of sigmas
 (Zheng et al. 2023). The ODE state is float64, as in runs.sample. Rerunning the same command after a kill resumes:
 finished shards are kept and the same remaining ones are written.
 """
-import argparse
 import inspect
 from pathlib import Path
 
@@ -98,13 +97,13 @@ def shape_of(config):
 
 def main(argv=None):
     from runs.build import load_run
-    from runs.cli import cli_errors, pick_device
+    from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 
-    p = argparse.ArgumentParser(prog="python -m runs.make_pairs", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.make_pairs", description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="teacher run directory or checkpoint file (EMA weights)")
     p.add_argument("--solver", default="heun")
-    p.add_argument("--nfe", type=int, default=35)
-    p.add_argument("--n", type=int, required=True, help="number of rollouts")
+    p.add_argument("--nfe", type=positive_int, default=35)
+    p.add_argument("--n", type=positive_int, required=True, help="number of rollouts")
     p.add_argument("--save-sigmas", default="1", help="K (evenly spaced, the last is x0) or sigmas '1.2,0.4,0'")
     p.add_argument("--out", required=True, help="store directory (resumed when it holds the same request)")
     p.add_argument("--schedule", default="karras")
@@ -112,8 +111,8 @@ def main(argv=None):
     p.add_argument("--sigma-max", type=float, help="default: the teacher's objective.sigma_max, else 80")
     p.add_argument("--rho", type=float, help="default: the teacher's objective.rho, else 7")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--shard-size", type=positive_int, default=1000)
+    p.add_argument("--batch", type=positive_int, default=250)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = p.parse_args(argv)

@@ -9,14 +9,13 @@ reference is the exact ODE solution (DOP853, solvers.reference) for the analytic
 solvers.schedules.from_file reads, with the fit's numbers as '#' metadata; sample with it through
 `solvers.options_for_nfe(solver, nfe)`.
 """
-import argparse
 import json
 import math
 from pathlib import Path
 
 import torch
 
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from solvers import get_solver, options_for_nfe, sample_heun, sigmas_for_nfe
 from solvers.optimise import optimise_schedule, save_schedule, schedule_mse, solve_batched
 from solvers.reference import reference_solution
@@ -104,17 +103,17 @@ def fit(teacher, solver, nfe, n=256, holdout=256, iters=400, seed=0, sigma_min=N
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.optimise_schedule", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.optimise_schedule", description=__doc__.splitlines()[0])
     p.add_argument("teacher", help="run directory or checkpoint, or gmm:D:K[:SEED] for the analytic mixture")
     p.add_argument("--solver", default="heun")
-    p.add_argument("--nfe", type=int, default=10, help="denoiser evaluations per sample")
-    p.add_argument("--n", type=int, default=256, help="noises the schedule is fitted on")
+    p.add_argument("--nfe", type=positive_int, default=10, help="denoiser evaluations per sample")
+    p.add_argument("--n", type=positive_int, default=256, help="noises the schedule is fitted on")
     p.add_argument("--holdout", type=int, default=256, help="other noises it is scored on (0: skip)")
     p.add_argument("--iters", type=int, default=400, help="loss evaluations per initialisation")
     p.add_argument("--sigma-min", type=float, help="default: the run's own, else 0.002")
     p.add_argument("--sigma-max", type=float, help="default: the run's own, else 80")
     p.add_argument("--reference-nfe", type=int, default=255, help="Heun evaluations of a trained teacher's reference")
-    p.add_argument("--batch", type=int, default=256, help="samples per solver call")
+    p.add_argument("--batch", type=positive_int, default=256, help="samples per solver call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="schedule.txt", help="text file (read by solvers.schedules.from_file)")
     p.add_argument("--device", default="auto")

@@ -17,7 +17,6 @@ are then the defaults for --solver and --nfe and must agree with them when given
 .json, no metadata) samples with --solver (default: the run's own) at --nfe (default 35). Anything else is one line
 and exit code 2.
 """
-import argparse
 import inspect
 import os
 import time
@@ -28,7 +27,7 @@ import torch
 
 from objectives.base import pick, using_networks
 from runs.build import build_dataset, load_run
-from runs.cli import cli_errors, pick_device
+from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.images import save_image_grid, to_uint8
 from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 from solvers.common import CountingDenoiser
@@ -181,15 +180,15 @@ def write(samples, labels, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runs.sample", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m runs.sample", description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory or checkpoint file")
     p.add_argument("--solver", help="solver name (default: the run's own)")
     p.add_argument("--schedule", help="schedule name, or a schedule file from runs.optimise_schedule (default: the "
                                       "run's own)")
-    p.add_argument("--nfe", type=int, help=f"denoiser evaluations per sample (default: a schedule file's own, else "
+    p.add_argument("--nfe", type=positive_int, help=f"denoiser evaluations per sample (default: a schedule file's own, else "
                                            f"{DEFAULT_NFE})")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    p.add_argument("--batch", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npz", help=".npz or .png")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")

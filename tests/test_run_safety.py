@@ -152,3 +152,21 @@ def test_a_huge_learning_rate_stops_with_a_finite_checkpoint_that_resumes(tmp_pa
         assert all(torch.isfinite(t).all() for t in state["networks"]["denoiser"].values())
         runs_train.main(["--resume", str(run), f"train.steps={state['step'] + 1}", "train.lr=1e-4"])
         assert load_checkpoint(run)["step"] == state["step"] + 1
+
+
+@pytest.mark.parametrize("module, args", [
+    ("runs.sample", ["some_run", "--n", "0"]),
+    ("runs.sample", ["some_run", "--n", "-4"]),
+    ("runs.sample", ["some_run", "--nfe", "abc"]),
+    ("runs.make_pairs", ["--teacher", "t.pt", "--n", "0", "--out", "pairs"]),
+    ("runs.eval", ["samples.npz", "--n", "-4"]),
+    ("runs.optimise_schedule", ["some_run", "--nfe", "0"]),
+])
+def test_counts_on_the_command_line_are_checked(module, args, capsys, tmp_path, monkeypatch):
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not an integer >= 1" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
