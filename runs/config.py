@@ -59,7 +59,7 @@ TRAIN_RANGES = {
     "steps": (lambda v: v >= 1, "an integer >= 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "micro_batch": (lambda v: v >= 0, "an integer >= 0 (0: no accumulation)"),
-    "lr": (lambda v: v > 0, "a number > 0"),
+    "lr": (lambda v: v >= 0, "a number >= 0"),
     "betas": (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
               "two numbers in [0, 1), e.g. [0.9, 0.999]"),
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),

@@ -5,7 +5,9 @@
     teacher_map_rmse   the same for the teacher itself sampled with the student's NFE (the baseline to beat)
     fid_mnist          MNIST-FID of the student's samples against real digits (MNIST-shaped data, n >= 500)
 """
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,4 +56,12 @@ def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=2
         from runs.images import to_uint8
         real = reference_split(default_reference(), n)[0]
         report["fid_mnist"] = float(score("fid-mnist", to_uint8(student.cpu()).numpy(), real, device))
+    return report
+
+
+def write_quality_report(objective, teacher, config, dataset, device, run_dir):
+    """one_step_quality with the run's teacher.eval_n noises, written to <run>/quality.json and printed."""
+    report = one_step_quality(objective, teacher, config, dataset, device, n=config["teacher"]["eval_n"])
+    (Path(run_dir) / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
     return report

@@ -197,3 +197,32 @@ def rollout_store(objective, teacher, description, settings, run_dir, dataset, c
     if stored.numel() != wanted.numel():
         store = store.select([float(s) for s in wanted])
     return store
+
+
+def prepare_teacher(config, dataset, device, run_dir, resume=False, teacher=None):
+    """(teacher, description, record) of a run whose objective needs a teacher, else (None, None, None). `teacher`:
+    one given in code. A resumed run rebuilds an analytic teacher from its checkpoint's record, without a re-fit;
+    `record` (teacher_record) goes into every checkpoint, so sampling the student never re-fits either."""
+    if "teacher" not in config:
+        return None, None, None
+    if teacher is not None:
+        teacher, description = teacher.to(device).eval().requires_grad_(False), "given"
+    else:
+        from runs.checkpoint import load_checkpoint
+        record = load_checkpoint(Path(run_dir) / "checkpoint.pt").get("teacher") if resume else None
+        teacher, description = load_teacher(config["teacher"], dataset, config["train"]["conditional"], device,
+                                            record=record)
+    return teacher, description, teacher_record(teacher, config["teacher"])
+
+
+def shared_rollouts(objective, teacher, description, config, run_dir, dataset, device, main_process, world, barrier):
+    """The objective's teacher rollouts: generated (or checked) by the main process, then read by every process
+    (`barrier`: the process group's, when there are several)."""
+    args = (objective, teacher, description, config["teacher"], run_dir, dataset, config["train"]["conditional"],
+            device)
+    store = rollout_store(*args) if main_process else None
+    if world > 1:
+        barrier()
+        if not main_process:
+            store = rollout_store(*args)
+    return store

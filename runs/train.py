@@ -1,20 +1,22 @@
 """Train any objective: python -m runs.train --backbone unet --objective dsm --data mnist [overrides ...]
 
-The loop of DESIGN.md, readable top to bottom. It owns optimisers (one Adam per role), EMA per role, AMP, gradient
-clipping, LR warm-up, DDP (one process per device when started by torchrun; gloo on CPU, NCCL on GPU),
+The loop of DESIGN.md, readable top to bottom. It owns the optimisation of every role the objective declares
+(`objective.networks`): an optimiser per role with its own settings (`optim.<role>.*` over the objective's
+`optimizer_settings()` over `train.*`), EMA per role, a loss scaler per role, AMP, gradient clipping and
+accumulation, LR warm-up, DDP (one process per device when started by torchrun; gloo on CPU, NCCL on GPU),
 torch.compile, atomic checkpoints, `--resume`, and logs (progress bar, metrics.jsonl, TensorBoard, PNG sample grids).
-The objective only says which roles to update (`phases`) and what each role's loss is (`loss`).
+The objective says which roles to update at each step, in order (`phases`; a role may appear several times: two
+time-scale rules) and what each role's loss is (`loss`). In a role's phase only its parameters require gradients
+and only it is called through its DDP wrapper; the other roles are frozen but differentiable w.r.t. their inputs.
 
-Distillation objectives (`needs_teacher`) get a frozen teacher: `--teacher RUN` (a trained run or checkpoint; the
-student inherits its data set, labels and backbone settings unless told otherwise) or, with none, an analytic teacher
-fitted to the data (runs/teacher.py). Objectives that learn from teacher rollouts declare them (`rollouts`); the
-loop generates them once into <run>/rollouts (resumable) or reads `--trajectories DIR` from runs.make_pairs, and
-feeds batches (z, xs, labels) instead of (x0, labels). At the end a quality report compares the student with its
+Objectives that need a teacher get a frozen one from runs/teacher.py (`--teacher RUN`, or an analytic teacher fitted
+to the data), with the teacher rollouts they declare; at the end runs/quality.py compares the student with its
 teacher on held-out noises (quality.json).
 
 Exact resume: the batch at step k is a pure function of (seed, k) (see `BatchOrder`), and the checkpoint holds the
-networks, EMA, optimisers, scaler, step and RNG states, so a run stopped at step k and resumed ends with the same
-weights as one never stopped.
+networks, EMA, optimisers, scalers, step and RNG states, so a run stopped at step k and resumed ends with the same
+weights as one never stopped. A run directory belongs to one run (runs/rundir.py); checkpoints are written by step
+and by wall clock, and a non-finite loss stops the run keeping the newest checkpoint whose weights gave finite losses.
 """
 import contextlib
 import itertools
@@ -40,8 +42,8 @@ from runs.config import (TrainSettings, constructor_defaults, load_yaml, merge, 
 from runs.rundir import claimed
 from objectives.base import using_networks
 from runs.images import save_image_grid
-from runs.quality import one_step_quality
-from runs.teacher import absolute, load_teacher, rollout_store, teacher_record
+from runs.quality import write_quality_report
+from runs.teacher import absolute, prepare_teacher, shared_rollouts
 
 
 class BatchOrder:
@@ -151,21 +153,15 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                          f"of train.micro_batch={s.micro_batch}")
 
     dataset = build_dataset(config) if dataset is None else dataset
-    injected, teacher_state = {}, None
-    if "teacher" in config:
-        record = load_checkpoint(Path(run_dir) / "checkpoint.pt").get("teacher") if resume else None  # no re-fit
-        teacher, teacher_description = (load_teacher(config["teacher"], dataset, s.conditional, device, record=record)
-                                        if teacher is None else (teacher.to(device).eval().requires_grad_(False), "given"))
-        injected["teacher"] = teacher
-        teacher_state = teacher_record(teacher, config["teacher"])  # what sampling the student needs, no re-fit
-    objective = build_objective(config, **injected)
+    teacher, teacher_description, teacher_state = prepare_teacher(config, dataset, device, run_dir, resume, teacher)
+    objective = build_objective(config, **({} if teacher is None else {"teacher": teacher}))
     config["optim"] = role_settings(objective, config["train"], config.get("optim", {}))
     roles = config["optim"]
 
     with (claimed(run_dir, config, resume) if main_process else contextlib.nullcontext(Path(run_dir))) as run_dir:
         if objective.rollouts:
             dataset = shared_rollouts(objective, teacher, teacher_description, config, run_dir, dataset, device,
-                                      main_process, world)
+                                      main_process, world, torch_dist.barrier)
         objective.to(device)
         nets = {role: net.to(device) for role, net in objective.networks.items()}
         trainable = {role: [p for p in net.parameters() if p.requires_grad] for role, net in nets.items()}
@@ -206,7 +202,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
         log = Logger(run_dir, step, enabled=main_process)
         grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
         grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
-        sums, first_bad_step = {}, torch.full((), -1, device=device)
+        sums, first_bad_step, last_record = {}, torch.full((), -1, device=device), {}
         progress = tqdm(total=s.steps, initial=step, disable=not main_process, dynamic_ncols=True,
                         mininterval=1 if sys.stderr.isatty() else 30)
         start = tic = last_checkpoint = time.time()
@@ -262,6 +258,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                               elapsed_sec=round(elapsed_before + time.time() - start, 1),
                               **{f"{role}/lr": learning_rate(step - 1, roles[role], s) for role in nets})
                 log.write(record)
+                last_record = record
                 progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in record.items() if k.endswith("loss")},
                                      refresh=False)
                 sums, tic, tic_step = {}, time.time(), step
@@ -285,30 +282,20 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                     images = objective.generate(grid_noise.to(device), objective.eval_nfe or s.sample_nfe, cond)
                 save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
         progress.close()
+        if main_process:
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in last_record.items() if k.endswith("loss"))
+            print(f"trained {step} steps in {(elapsed_before + time.time() - start) / 60:.1f} min"
+                  + (f"; last {s.log_every if step % s.log_every == 0 else step - tic_step} steps' mean: {losses}"
+                     if losses else ""))
         objective.networks = nets
         if teacher is not None and main_process and config["teacher"]["eval_n"]:
             with using_networks(objective, sampling_nets):
-                report = one_step_quality(objective, teacher, config, dataset, device, n=config["teacher"]["eval_n"])
-            (run_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+                report = write_quality_report(objective, teacher, config, dataset, device, run_dir)
             log.write({"step": step, **{f"quality/{k}": v for k, v in report.items() if isinstance(v, (int, float))}})
-            print("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in report.items()))
         log.close()
     if world > 1:
         torch_dist.destroy_process_group()
     return objective, sampling_nets
-
-
-def shared_rollouts(objective, teacher, description, config, run_dir, dataset, device, main_process, world):
-    """The objective's teacher rollouts: generated (or checked) by the main process, then read by every process."""
-    args = (objective, teacher, description, config["teacher"], run_dir, dataset, config["train"]["conditional"],
-            device)
-    store = rollout_store(*args) if main_process else None
-    if world > 1:
-        torch_dist.barrier()
-        if not main_process:
-            store = rollout_store(*args)
-    return store
 
 
 def last_good(run_dir, bad_step, main_process=True):

@@ -29,7 +29,7 @@ def run_main(args, capsys):
     ("train.steps=20.5", "train.steps=20.5 is not accepted; it takes an integer >= 1"),
     ("train.batch_size=0", "train.batch_size=0 is not accepted"),
     ("train.ckpt_every=0", "train.ckpt_every=0 is not accepted"),
-    ("train.lr=abc", "train.lr='abc' is not accepted; it takes a number > 0"),
+    ("train.lr=abc", "train.lr='abc' is not accepted; it takes a number >= 0"),
     ("backbone.hidden=abc", "backbone.hidden='abc' is not accepted; it takes an integer"),
     ("train.amp=fp8", "train.amp='fp8' is not accepted; it takes one of: auto, bf16, fp16, none"),
     ("objective.P_std=[1]", "objective.P_std=[1] is not accepted; it takes a number"),
