@@ -6,6 +6,8 @@ teacher  sample a trained image teacher with several solvers and NFE, score each
 solvers  every registered solver against the exact ODE map of the analytic Gaussian mixture (and, with
          --mnist-run, MNIST-FID of a trained teacher) at a range of NFE, Karras vs optimised schedules, and
          each solver's own per-step overhead: see runs/bench_solvers.py.
+defaults every objective trained with its true defaults, as a new user runs it (wall time, peak memory, what it
+         reports): see runs/bench_defaults.py.
 distill  every trajectory-distillation method against its teacher at the same NFE, on the analytic mixture (exact
          map error) and on MNIST (one-step MNIST-FID, images per second): see runs/bench_distill.py.
 """
@@ -21,6 +23,7 @@ import torch
 
 from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
+from runs.bench_defaults import main as bench_defaults_main
 from runs.bench_distill import main as bench_distill_main
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
@@ -112,7 +115,8 @@ def teacher_main(argv):
         print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
 
 
-BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main, "distill": bench_distill_main}
+BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main, "distill": bench_distill_main,
+           "defaults": bench_defaults_main}
 
 
 def main(argv=None):

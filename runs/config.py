@@ -29,8 +29,8 @@ INJECTED = {"backbone", "teacher", "dataset"}  # objective arguments the loop su
 class TrainSettings:
     """The training loop's own settings (`train.*`). The defaults are sized for a 2-core CPU (every objective's
     default run finishes in minutes there); the papers' scale lives in the presets under runs/configs/."""
-    steps: int = 1000
-    batch_size: int = 32               # the global batch (all processes, all micro-batches)
+    steps: int = 500
+    batch_size: int = 16               # the global batch (all processes, all micro-batches)
     micro_batch: int = 0               # per-process micro-batch for gradient accumulation; 0: no accumulation
     lr: float = 2e-4
     betas: tuple = (0.9, 0.999)
