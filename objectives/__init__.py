@@ -3,6 +3,10 @@ from objectives.base import Objective, pick
 from objectives.boot import BOOT
 from objectives.cd import CD
 from objectives.ct import CT
+from objectives.diff_instruct import DiffInstruct
+from objectives.diffratio import DiffRatio
+from objectives.dmd import DMD
+from objectives.dmd2 import DMD2
 from objectives.dsm import DSM
 from objectives.dsno import DSNO
 from objectives.ect import ECT
@@ -10,6 +14,7 @@ from objectives.ict import ICT
 from objectives.kd import KD
 from objectives.progressive import Progressive
 from objectives.reflow import Reflow
+from objectives.sid import SiD
 from objectives.tract import TRACT
 
 OBJECTIVES = {
@@ -24,4 +29,9 @@ OBJECTIVES = {
     "ict": ICT,
     "ect": ECT,
     "tract": TRACT,
+    "diff_instruct": DiffInstruct,
+    "dmd": DMD,
+    "dmd2": DMD2,
+    "sid": SiD,
+    "diffratio": DiffRatio,
 }

@@ -127,11 +127,13 @@ def score_all(names, samples, reference, device, **options):
             for name in names}
 
 
-def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None, k=DEFAULT_K, min_share=None):
+def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None, k=DEFAULT_K, min_share=None,
+                 **parts):
     """{fid_mnist, precision, recall, density, coverage, classes_covered, class_tv_uniform, class_kl_uniform,
     class_tv_reference, class_kl_reference, ..., n} of MNIST samples (uint8 [N, 1, 28, 28] or float in [-1, 1],
     numpy or torch) against n seeded-random real digits (reference_split, as the CLI's --n): the first n samples
-    (default all) against n reference images (default: the shipped digits). Pass net to load the feature net once."""
+    (default all) against n reference images (default: the shipped digits). Pass net to load the feature net once;
+    `parts` (fid, classes, manifold = False) leave parts out."""
     if isinstance(samples, torch.Tensor):
         samples = (samples if samples.dtype == torch.uint8 else to_uint8(samples.detach())).cpu().numpy()
     samples = np.asarray(samples)
@@ -146,7 +148,7 @@ def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None
         raise ValueError(f"n must be more than k={k} and at most the {len(samples)} samples and the "
                          f"{len(reference)} reference images, got n={n}")
     real = reference_split(reference, n, seed)[0]
-    return {**mnist_metrics(samples[:n], real, net=net, device=device, k=k, min_share=min_share), "n": n}
+    return {**mnist_metrics(samples[:n], real, net=net, device=device, k=k, min_share=min_share, **parts), "n": n}
 
 
 def _format(name, value):

@@ -1,9 +1,14 @@
-"""The end-of-run report of a distilled student: how well it reproduces its teacher's ODE map on held-out noises.
+"""The end-of-run report of a distilled or teacher-initialised one-step student, on held-out noises.
 
     map_rmse           RMSE between the student's sample and the teacher's rollout (the solver and NFE the student
-                       learnt from) from the same unit noise z, noises never used in training
+                       learnt from) from the same unit noise z, noises never used in training (students that learn
+                       the teacher's map only: Objective.learns_teacher_map)
     teacher_map_rmse   the same for the teacher itself sampled with the student's NFE (the baseline to beat)
-    fid_mnist          MNIST-FID of the student's samples against real digits (MNIST-shaped data, n >= 500)
+    swd, teacher_swd, reference_swd
+                       sliced Wasserstein distance of the student's samples, of the teacher's at the student's NFE and of
+                       the teacher's reference rollouts to n real data points (flattened), for every student
+    fid_mnist, precision, recall, classes_covered (and teacher_fid_mnist, reference_fid_mnist)
+                       MNIST metrics of the samples against real digits (MNIST-shaped data, n >= 500)
 """
 import json
 import time
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from metrics import swd
 from solvers import SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 
 DEFAULT_ROLLOUT = dict(solver="heun", nfe=35, schedule="karras", sigma_min=0.002, sigma_max=80.0, rho=7.0)
@@ -49,14 +55,30 @@ def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=2
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - tic
     rmse = lambda a: float((a.float() - reference.float()).square().mean().sqrt())  # noqa: E731
-    report = {"nfe": nfe, "n": n, "reference": f"{spec['solver']}@{spec['nfe']}", "map_rmse": rmse(student),
-              "teacher_map_rmse": rmse(baseline), "student_images_per_sec": n / max(seconds, 1e-9)}
+    report = {"nfe": nfe, "n": n, "reference": f"{spec['solver']}@{spec['nfe']}"}
+    if objective.learns_teacher_map:
+        report.update(map_rmse=rmse(student), teacher_map_rmse=rmse(baseline))
+    real = real_points(dataset, n, generator)
+    flat = lambda a: a.float().cpu().flatten(1)  # noqa: E731
+    report.update(swd=swd(flat(student), flat(real)), teacher_swd=swd(flat(baseline), flat(real)),
+                  reference_swd=swd(flat(reference), flat(real)), student_images_per_sec=n / max(seconds, 1e-9))
     if tuple(dataset.shape) == (1, 28, 28) and n >= 500:
-        from runs.eval import default_reference, reference_split, score
-        from runs.images import to_uint8
-        real = reference_split(default_reference(), n)[0]
-        report["fid_mnist"] = float(score("fid-mnist", to_uint8(student.cpu()).numpy(), real, device))
+        from metrics.mnist_net import load_mnist_feature_net
+        from runs.eval import mnist_report
+        net = load_mnist_feature_net(device=device)
+        scores = mnist_report(student.cpu(), n=n, net=net, device=device)
+        report.update({k: scores[k] for k in ("fid_mnist", "precision", "recall", "classes_covered")})
+        report["teacher_fid_mnist"] = mnist_report(baseline.cpu(), n=n, net=net, device=device, manifold=False,
+                                                   classes=False)["fid_mnist"]
+        report["reference_fid_mnist"] = mnist_report(reference.cpu(), n=n, net=net, device=device, manifold=False,
+                                                     classes=False)["fid_mnist"]
     return report
+
+
+def real_points(dataset, n, generator):
+    """n data points drawn (seeded) from the data set, in data space."""
+    index = torch.randperm(len(dataset), generator=generator)[:n]
+    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in index])
 
 
 def write_quality_report(objective, teacher, config, dataset, device, run_dir):

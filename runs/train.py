@@ -131,6 +131,12 @@ def training(objective, role, trainable, fast, wrapped):
         yield
 
 
+def accumulate(sums, key, value, weight=1.0):
+    """sums[key] = (running total, number of updates): a role updated on some steps only is averaged over those."""
+    total, count = sums.get(key, (0, 0))
+    sums[key] = (total + value * weight, count + weight)
+
+
 def all_finite(modules):
     """True where every parameter of `modules` is finite (one host sync)."""
     flags = [p.detach().isfinite().all() for m in modules for p in m.parameters()]
@@ -229,12 +235,11 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
                                                      first_bad_step)
                         for key, value in logs.items():
-                            sums[f"{role}/{key}"] = sums.get(f"{role}/{key}", 0) + value.detach().float() / len(
-                                micro_batches)
+                            accumulate(sums, f"{role}/{key}", value.detach().float(), 1 / len(micro_batches))
                 scaler.unscale_(optimizer)
                 if r["grad_clip"]:
                     norm = torch.nn.utils.clip_grad_norm_(trainable[role], r["grad_clip"])
-                    sums[f"{role}/grad_norm"] = sums.get(f"{role}/grad_norm", 0) + norm.detach().float()
+                    accumulate(sums, f"{role}/grad_norm", norm.detach().float())
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)  # an idle role holds no gradient memory
@@ -252,8 +257,8 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                 if bad >= 0:
                     raise FloatingPointError(f"loss is not finite (nan or inf) at step {bad}; stopped. "
                                              f"{last_good(run_dir, bad, main_process)}")
-                n = step - tic_step
-                record = {k: float(v) / n for k, v in sums.items()}
+                n = step - tic_step  # steps since the last record
+                record = {k: float(total) / count for k, (total, count) in sums.items()}  # mean per update
                 record.update(step=step, images_per_sec=n * s.batch_size / max(time.time() - tic, 1e-9),
                               elapsed_sec=round(elapsed_before + time.time() - start, 1),
                               **{f"{role}/lr": learning_rate(step - 1, roles[role], s) for role in nets})
@@ -285,8 +290,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
         if main_process:
             losses = ", ".join(f"{k} {v:.4g}" for k, v in last_record.items() if k.endswith("loss"))
             print(f"trained {step} steps in {(elapsed_before + time.time() - start) / 60:.1f} min"
-                  + (f"; last {s.log_every if step % s.log_every == 0 else step - tic_step} steps' mean: {losses}"
-                     if losses else ""))
+                  + (f"; last logged means: {losses}" if losses else ""))
         objective.networks = nets
         if teacher is not None and main_process and config["teacher"]["eval_n"]:
             with using_networks(objective, sampling_nets):
