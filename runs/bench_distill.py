@@ -13,6 +13,7 @@ mnist    The trained MNIST teacher. Each student is trained from it (rollouts fr
          bench uses, with images per second; the teacher is scored at 1, 2, 4, 8 and 35 NFE the same way.
 Both write <out>.md, <out>.csv and <out>.json (and a grid of each student's samples for mnist).
 """
+import contextlib
 import csv
 import json
 import platform
@@ -53,6 +54,12 @@ METHODS = {
     "ict": ("ict", "unet", lambda steps: []),    # no teacher
     "ect": ("ect", "unet", lambda steps: [f"objective.stage_steps={max(1, steps // 8)}"]),  # 8 stages, as 200k / 25k
     "tract": ("tract", "unet", lambda steps: ["objective.steps=[16,1]", f"objective.steps_per_phase={steps}"]),
+    "diff_instruct": ("diff_instruct", "unet", lambda steps: []),
+    "dmd": ("dmd", "unet", lambda steps: []),
+    "dmd2": ("dmd2", "unet", lambda steps: []),
+    "sid": ("sid", "unet", lambda steps: []),
+    "diffratio": ("diffratio", "unet", lambda steps: []),
+    "diffratio_random": ("diffratio", "unet", lambda steps: ["objective.init=random"]),  # the paper's ablation
 }
 MIXTURE_DATA = ["--data", "gmm", "data.dim=64", "data.components=8", "data.image_shape=[1,8,8]", "data.n=20000"]
 MIXTURE_NET = ["backbone.model_channels=32", "backbone.channel_mult=[1,2]", "backbone.num_blocks=1",
@@ -89,8 +96,30 @@ def train_method(method, flags, settings, run_dir, steps):
             *extra(steps), f"train.steps={steps}", "train.sample_every=0", *quiet, *settings]  # argparse
     config = make_config(parse_args(args))[0]
     tic = time.time()
-    objective, ema = train(config, run_dir)
+    with counting_teacher_calls() as teacher_calls:
+        objective, ema = train(config, run_dir)
+    objective.teacher_calls = teacher_calls[0]  # images through the teacher in training (its rollouts included)
     return config, objective, ema, time.time() - tic
+
+
+@contextlib.contextmanager
+def counting_teacher_calls():
+    """Count the images every teacher built by runs.train.prepare_teacher evaluates (a forward hook); yields a
+    one-element list holding the count."""
+    import runs.train
+    calls, prepare = [0], runs.train.prepare_teacher
+
+    def counted(*args, **kwargs):
+        teacher, description, record = prepare(*args, **kwargs)
+        if teacher is not None:
+            teacher.register_forward_hook(lambda module, inputs, output: calls.__setitem__(0, calls[0] + len(output)))
+        return teacher, description, record
+
+    runs.train.prepare_teacher = counted
+    try:
+        yield calls
+    finally:
+        runs.train.prepare_teacher = prepare
 
 
 def bench_mixture(out, steps, n_eval, device, methods, runs_dir="out/bench_distill", settings=(), seed=0,

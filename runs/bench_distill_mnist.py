@@ -1,6 +1,5 @@
 """The MNIST part of `python -m runs.bench distill` (see runs/bench_distill.py): one-step students of the trained
 MNIST teacher, MNIST-FID and images per second, next to the teacher at 1, 2, 4, 8 and 35 NFE."""
-import functools
 import json
 import time
 from pathlib import Path
@@ -8,13 +7,12 @@ from pathlib import Path
 import torch
 
 from data import DATASETS
-from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
 from objectives.base import using_networks
 from runs.bench_distill import TEACHER_NFES, appended_lines, machine, progressive_stages, train_method, write
 from runs.build import load_run
-from runs.eval import default_reference, reference_split
-from runs.images import save_image_grid, to_uint8
+from runs.eval import mnist_report
+from runs.images import save_image_grid
 from runs.sample import sample
 
 ROLLOUT_METHODS = ("kd", "reflow", "reflow_distill", "dsno")
@@ -43,8 +41,14 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
     """`steps`: {method: training steps}. The summary is rewritten after every row, so an interrupted bench keeps
     what it measured; append=True keeps <out>.json's rows (teacher rows included) and (re)measures only `methods`;
     extra_nfes adds rows at those NFE for students that sample with more than their eval_nfe (consistency models)."""
-    reference = reference_split(default_reference(), n, seed)[0]
-    fid = functools.partial(METRICS["fid-mnist"], net=load_mnist_feature_net(device=device), device=device)
+    net = load_mnist_feature_net(device=device)
+
+    def scores(samples):
+        """MNIST-FID, precision, recall and classes covered of samples against the same seeded n real digits."""
+        report = mnist_report(samples, n=n, seed=seed, net=net, device=device)
+        return {"fid_mnist": round(report["fid_mnist"], 2), "precision": round(report["precision"], 3),
+                "recall": round(report["recall"], 3), "classes_covered": report["classes_covered"]}
+
     summary = {"part": "mnist", "teacher": str(teacher_path), "trajectories": str(trajectories),
                "settings": list(settings), "n": n, **machine(device), "rows": []}
     if append:
@@ -66,9 +70,8 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
         for solver, nfe in TEACHER_ROWS:
             samples, _, measured, rate = sample(teacher, teacher_config, n, nfe, solver, batch=250, seed=seed,
                                                 device=device)
-            add({"method": f"teacher ({solver})", "nfe": measured, "fid_mnist": round(fid(to_uint8(samples)
-                 .numpy(), reference), 2), "images_per_sec": round(rate, 1), "train_steps": "", "train_seconds": "",
-                 "objective": ""})
+            add({"method": f"teacher ({solver})", "nfe": measured, **scores(samples), "images_per_sec": round(rate, 1),
+                 "train_steps": "", "train_seconds": "", "teacher_calls": "", "objective": ""})
     common = [f"train.device={device}", *settings]
     for method in methods:
         extra = ["--trajectories", str(trajectories)] if method in ROLLOUT_METHODS and trajectories else []
@@ -86,9 +89,9 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
                 continue
             if nfe == own_nfe:
                 save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
-            add({"method": method, "nfe": nfe, "fid_mnist": round(fid(to_uint8(samples).numpy(), reference), 2),
-                 "images_per_sec": round(rate, 1), "train_steps": steps[method], "train_seconds": round(seconds, 1),
-                 "objective": dict(config["objective"])})
+            add({"method": method, "nfe": nfe, **scores(samples), "images_per_sec": round(rate, 1),
+                 "train_steps": steps[method], "train_seconds": round(seconds, 1),
+                 "teacher_calls": objective.teacher_calls, "objective": dict(config["objective"])})
     return summary
 
 
@@ -98,10 +101,12 @@ def markdown(s, stem):
              f"students trained from the teacher (rollouts: {s['trajectories']}; extra settings: "
              f"{s['settings'] or 'none'}). "
              f"Machine: {s['machine']}, torch {s['torch']}.", "",
-             "| method | NFE | MNIST-FID | images/s | train steps | train s |", "|---|---|---|---|---|---|"]
+             "| method | NFE | MNIST-FID | precision | recall | classes | images/s | train steps | train s | "
+             "teacher calls |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r['images_per_sec']} | {r['train_steps']} | "
-                     f"{r['train_seconds']} |")
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['fid_mnist']} | {r.get('precision', '')} | "
+                     f"{r.get('recall', '')} | {r.get('classes_covered', '')} | {r['images_per_sec']} | "
+                     f"{r['train_steps']} | {r['train_seconds']} | {r.get('teacher_calls', '')} |")
     lines += appended_lines(s)
     for note in s.get("notes", []):
         lines += ["", note]
