@@ -8,7 +8,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from data import DATASETS
 from metrics import METRICS, fid_mnist
 from metrics.frechet import feature_statistics, frechet_distance
 from metrics.inception import WEIGHTS_NAME, inception_features, load_inception
@@ -60,17 +59,7 @@ def test_feature_statistics_and_errors():
 
 # ---------------------------------------------------------------- MNIST feature net
 
-@pytest.fixture(scope="module")
-def mnist():
-    return DATASETS["mnist"]()
-
-
-@pytest.fixture(scope="module")
-def tiny_net(mnist):
-    """Two epochs on 1,000 digits (64 steps): a few seconds, enough to check that training learns."""
-    subset = types.SimpleNamespace(images=mnist.images[:1300], labels=mnist.labels[:1300])
-    return train_mnist_classifier(subset, epochs=2, seed=0, heldout=300, batch=32, lr=5e-3)
-
+# the `mnist` and `tiny_net` fixtures: tests/conftest.py
 
 def test_training_learns_and_records_heldout_accuracy(tiny_net, mnist):
     assert tiny_net.meta["heldout_accuracy"] > 0.75  # chance is 0.1

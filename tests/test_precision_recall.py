@@ -2,16 +2,14 @@
 histogram (metrics.classes), their MNIST wrappers and runs.eval's --metric lists and mnist_report."""
 import json
 import math
-import types
 
 import numpy as np
 import pytest
 import torch
 
-from data import DATASETS
 from metrics import METRICS, mnist_metrics
 from metrics.classes import class_coverage, class_histogram, kl_divergence
-from metrics.mnist_net import CHECKPOINT_NAME, save_mnist_feature_net, train_mnist_classifier
+from metrics.mnist_net import CHECKPOINT_NAME, save_mnist_feature_net
 from metrics.precision_recall import knn_radii, manifold_metrics
 from runs.eval import main as eval_main
 from runs.eval import mnist_report
@@ -180,17 +178,7 @@ def test_class_coverage_errors():
 
 # ---------------------------------------------------------------- MNIST (a tiny classifier trained here)
 
-@pytest.fixture(scope="module")
-def mnist():
-    return DATASETS["mnist"]()
-
-
-@pytest.fixture(scope="module")
-def tiny_net(mnist):
-    """The recipe of test_metrics' tiny net (two epochs on 1,000 digits, a few seconds): about 86 % accurate."""
-    subset = types.SimpleNamespace(images=mnist.images[:1300], labels=mnist.labels[:1300])
-    return train_mnist_classifier(subset, epochs=2, seed=0, heldout=300, batch=32, lr=5e-3)
-
+# the `mnist` and `tiny_net` fixtures: tests/conftest.py
 
 def test_mnist_metrics_see_noise_and_dropped_classes(tiny_net, mnist):
     images, labels = mnist.images.numpy(), mnist.labels.numpy()
