@@ -161,6 +161,9 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
     dataset = build_dataset(config) if dataset is None else dataset
     teacher, teacher_description, teacher_state = prepare_teacher(config, dataset, device, run_dir, resume, teacher)
     objective = build_objective(config, **({} if teacher is None else {"teacher": teacher}))
+    if config.get("teacher", {}).get("trajectories") and not objective.rollouts:
+        raise ValueError(f"objective {config['objective']['name']!r} learns from no teacher rollouts; "
+                         "drop --trajectories")
     config["optim"] = role_settings(objective, config["train"], config.get("optim", {}))
     roles = config["optim"]
 

@@ -121,3 +121,12 @@ def test_two_roles_under_torchrun_with_two_processes(tmp_path, run_cli):
     state = load_checkpoint(tmp_path / "ddp")
     assert state["step"] == 3 and set(state["networks"]) == {"denoiser", "critic"}
     assert all(torch.isfinite(t).all() for net in state["networks"].values() for t in net.values())
+
+
+def test_trajectories_for_an_objective_without_rollouts_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--objective", "sid", "--backbone", "mlp", "--data", "gmm", "--trajectories", str(tmp_path / "pairs"),
+              "train.steps=1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "learns from no teacher rollouts; drop --trajectories" in err
+    assert not (tmp_path / "run").exists()
