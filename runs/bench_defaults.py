@@ -48,11 +48,26 @@ def run_default(name, workdir, timeout):
     quality = Path(workdir) / name / "quality.json"
     if quality.exists():
         report = json.loads(quality.read_text())
-        row.update(map_rmse=report["map_rmse"], teacher_map_rmse=report["teacher_map_rmse"], nfe=report["nfe"],
-                   beats_teacher=report["map_rmse"] < report["teacher_map_rmse"])
+        row.update({k: report[k] for k in ("nfe", "map_rmse", "teacher_map_rmse", "swd", "teacher_swd") if k in report})
+        ours, theirs = ("map_rmse", "teacher_map_rmse") if "map_rmse" in report else ("swd", "teacher_swd")
+        row["beats_teacher"] = report[ours] < report[theirs]
     if code != 0:
         row["error"] = (err.strip().splitlines() or ["?"])[-1][:300]
     return row
+
+
+def quality_numbers(report_line):
+    """{name: number} from a run's printed `quality: name value, ...` line (rows recorded before quality.json's
+    numbers were copied into them)."""
+    text = report_line.partition("quality: ")[2]
+    numbers = {}
+    for item in text.split(", "):
+        name, _, value = item.partition(" ")
+        try:
+            numbers[name] = float(value)
+        except ValueError:
+            pass
+    return numbers
 
 
 def markdown(result):
@@ -60,15 +75,22 @@ def markdown(result):
              f"`python -m runs.bench defaults` on {result['machine']}, torch {result['torch']}, "
              f"{result['date']}. Each row is a fresh process and run directory; peak memory is the process's maximum "
              "resident set (its own ru_maxrss). map_rmse: the "
-             "student's one-step RMSE to the teacher's ODE map on held-out noises; teacher: the teacher's own at the "
-             "same NFE.", "",
-             "| command | exit | wall (min) | peak RSS (GiB) | map_rmse | teacher at same NFE | closing lines |",
-             "|---|---|---|---|---|---|---|"]
+             "student's one-step RMSE to the teacher's ODE map on held-out noises; swd: sliced Wasserstein distance of "
+             "its samples to the data (the measure for students that match distributions rather than the map); "
+             "teacher: the same for the teacher sampled at the student's NFE.", "",
+             "| command | exit | wall (min) | peak RSS (GiB) | map_rmse (teacher) | swd (teacher) | beats teacher | "
+             "closing lines |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if "quality:" in r["report"] and "swd" not in r:
+            r = {**{k: v for k, v in quality_numbers(r["report"]).items()
+                    if k in ("map_rmse", "teacher_map_rmse", "swd", "teacher_swd")}, **r}
+            ours = "map_rmse" if "map_rmse" in r else "swd"
+            r["beats_teacher"] = r[ours] < r[f"teacher_{ours}"]
         fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        pair = lambda a, b: f"{fmt(r[a])} ({fmt(r[b])})" if a in r else ""  # noqa: E731
         lines.append(f"| `{r['command']}` | {r['exit']} | {r['wall_min']} | {fmt(r['peak_rss_gib'])} | "
-                     f"{fmt(r.get('map_rmse'))} | {fmt(r.get('teacher_map_rmse'))} | "
-                     f"{r['report'] or r.get('error', '')} |")
+                     f"{pair('map_rmse', 'teacher_map_rmse')} | {pair('swd', 'teacher_swd')} | "
+                     f"{fmt(r.get('beats_teacher'))} | {r['report'] or r.get('error', '')} |")
     return "\n".join(lines + [""])
 
 
