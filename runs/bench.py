@@ -30,6 +30,7 @@ from runs.build import load_run
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.eval import default_reference, reference_split
 from runs.images import save_image_grid, to_uint8
+from runs.provenance import provenance
 from runs.sample import sample
 
 TEACHER_GRID = [("heun", 35), ("heun", 17), ("heun", 9), ("euler", 35), ("euler", 9)]
@@ -77,7 +78,7 @@ def bench_teacher(run, n, out, device, seed=0):
     save_image_grid(grid, out.with_name(out.name + "_grid.png"), nrow=10)
     summary = {"run": str(run), "n": n, "floor_fid_mnist": round(floor, 3), "device": str(device),
                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "torch": torch.__version__, **training_summary(run), "rows": rows}
+               "torch": torch.__version__, "provenance": provenance(device), **training_summary(run), "rows": rows}
     out.with_suffix(".md").write_text(teacher_markdown(summary, out))
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as f:

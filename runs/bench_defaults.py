@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from runs.cli import ArgumentParser, cli_errors
+from runs.provenance import provenance
 
 HEADLINE = ["--backbone", "fno", "--objective", "dsno"]
 
@@ -110,7 +111,7 @@ def main(argv=None):
         out = Path(args.out)
         import torch
         result = {"machine": f"{platform.machine()} with {os.cpu_count()} CPU cores", "torch": torch.__version__,
-                  "date": time.strftime("%Y-%m-%d"), "rows": []}
+                  "date": time.strftime("%Y-%m-%d"), "provenance": provenance(), "rows": []}
         if args.append and out.with_suffix(".json").exists():
             result["rows"] = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"]
                               if r["objective"] not in names]

@@ -25,6 +25,7 @@ import torch
 from objectives import OBJECTIVES
 from objectives.base import using_networks
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
+from runs.provenance import provenance
 from runs.train import make_config, parse_args, train
 from solvers import SOLVERS, options_for_nfe, sigmas_for_nfe
 
@@ -180,7 +181,8 @@ def appended_lines(summary):
 
 def machine(device):
     return {"device": str(device), "torch": torch.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "provenance": provenance(device)}
 
 
 def write(out, summary, markdown):

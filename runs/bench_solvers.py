@@ -305,7 +305,9 @@ def bench_solvers(out_prefix, dims=(2, 64, 3072), components=8, nfes=(3, 4, 5, 6
     if mnist_run is not None:
         setup.update(mnist_run=str(mnist_run), mnist_n=mnist_n, mnist_opt_n=mnist_opt_n,
                      mnist_reference_nfe=mnist_reference_nfe)
-    result = {"setup": setup, "references": references, "rows": rows, "skipped": skipped}
+    from runs.provenance import provenance
+    result = {"setup": setup, "provenance": provenance(device), "references": references, "rows": rows,
+              "skipped": skipped}
     write_result(result, out_prefix, plot)
     return result
 

@@ -39,6 +39,7 @@ from models import BACKBONES
 from objectives import pick
 from runs.config import (TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, role_settings,
                          save_yaml)
+from runs.provenance import record_provenance
 from runs.rundir import claimed
 from objectives.base import using_networks
 from runs.images import save_image_grid
@@ -193,6 +194,7 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                 print(f"resuming {run_dir} from step {step}")
         if main_process:  # on resume too: train.* may have changed
             save_yaml(config, run_dir / "config.yaml")
+            record_provenance(run_dir, device, s.seed)
 
         if s.compile:  # true: inductor; a string names another torch.compile backend
             backend = s.compile if isinstance(s.compile, str) else "inductor"
