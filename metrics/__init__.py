@@ -26,11 +26,23 @@ def fid_mnist(samples, reference, net=None, device="cpu"):
 
 
 def fid_inception(samples, reference, weights_path=None, device="cpu", batch=100, net=None):
-    """Standard FID: Frechet distance in Inception-v3 pool3 features (needs the FID Inception weights file)."""
-    from metrics.inception import inception_features, load_inception
+    """Standard FID in torch-fidelity's TF-compatible Inception-v3 features, against images or a stats .npz."""
+    from metrics.inception import inception_features, load_inception, load_reference_statistics
     net = load_inception(weights_path, device=device) if net is None else net
-    stats = [feature_statistics(inception_features(net, images, batch=batch)) for images in (samples, reference)]
-    return frechet_distance(*stats[0], *stats[1])
+    stats = feature_statistics(inception_features(net, samples, batch=batch))
+    if isinstance(reference, (str, bytes)) or hasattr(reference, "__fspath__"):
+        reference_stats = tuple(torch.as_tensor(a) for a in load_reference_statistics(reference))
+    else:
+        reference_stats = feature_statistics(inception_features(net, reference, batch=batch))
+    return frechet_distance(*stats, *reference_stats)
+
+
+def is_inception(samples, reference=None, weights_path=None, device="cpu", batch=100, net=None, splits=10):
+    """Inception Score (Salimans et al. 2016, torch-fidelity's computation): is_mean and is_std over splits."""
+    from metrics.inception import inception_outputs, inception_score, load_inception
+    net = load_inception(weights_path, device=device) if net is None else net
+    mean, std = inception_score(inception_outputs(net, samples, batch=batch)[1], splits=splits)
+    return {"is_mean": mean, "is_std": std}
 
 
 def swd(samples, reference, projections=256, seed=0, p=2):
@@ -94,7 +106,7 @@ def precision_recall_inception(samples, reference, weights_path=None, device="cp
     return manifold_metrics(fake, real, k=k, device=device)
 
 
-METRICS = {"fid-mnist": fid_mnist, "fid-inception": fid_inception, "swd": swd, "mmd": mmd2,
+METRICS = {"fid-mnist": fid_mnist, "fid-inception": fid_inception, "is-inception": is_inception, "swd": swd, "mmd": mmd2,
            "precision-recall": precision_recall, "precision-recall-mnist": precision_recall_mnist,
            "class-histogram-mnist": class_histogram_mnist, "precision-recall-inception": precision_recall_inception}
 

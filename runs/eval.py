@@ -171,6 +171,10 @@ def main(argv=None):
     p.add_argument("--k", type=positive_int, default=DEFAULT_K, help="neighbour of the precision-recall manifolds' radii")
     p.add_argument("--min-share", type=float, help="share of the samples that makes a class covered "
                                                    "(class-histogram-mnist; default half the uniform share)")
+    p.add_argument("--ref-stats", metavar="STATS.npz", help="fid-inception against reference statistics (EDM / "
+                                                          "pytorch-fid .npz: mu [2048], sigma [2048, 2048])")
+    p.add_argument("--write-stats", metavar="OUT.npz", help="write the samples' Inception statistics (mu, sigma) "
+                                                          "there, to serve as --ref-stats later, and stop")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write a JSON dict to PATH (default stdout)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
@@ -185,12 +189,18 @@ def main(argv=None):
             raise ValueError(f"--k must be at least 1, got {args.k}")
         device = pick_device(args.device)
         samples = None if args.floor else load_array(args.samples)
+        if args.write_stats or args.ref_stats:
+            return inception_statistics_command(args, names, samples, device)
         if args.ref:
             reference = load_array(args.ref)
         elif samples is None or samples.dtype == np.uint8:
             reference = default_reference()
         else:
             raise ValueError("vector samples need a reference: pass --ref REF.npz")
+        if samples is not None and samples.ndim == 4 and reference.ndim == 4 and \
+                samples.shape[-2:] != reference.shape[-2:]:
+            raise ValueError(f"samples are {samples.shape[-2]}x{samples.shape[-1]} images, the reference "
+                             f"{reference.shape[-2]}x{reference.shape[-1]}: score them at the same resolution")
         if args.floor:
             n = args.n or 2000
             if 2 * n > len(reference):
@@ -221,6 +231,26 @@ def main(argv=None):
             print("\n".join(lines))
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def inception_statistics_command(args, names, samples, device):
+    """--write-stats (the samples' Inception mu and sigma to an .npz) or --ref-stats (fid-inception against one)."""
+    from metrics.frechet import feature_statistics
+    from metrics.inception import inception_features, load_inception, save_reference_statistics
+    if samples is None or samples.dtype != np.uint8:
+        raise ValueError("--write-stats / --ref-stats take uint8 images in a samples .npz (not --floor or vectors)")
+    samples = samples[:args.n] if args.n else samples
+    if args.write_stats:
+        mu, sigma = feature_statistics(inception_features(load_inception(device=device), samples))
+        save_reference_statistics(args.write_stats, mu, sigma)
+        print(f"wrote Inception statistics of {len(samples)} images to {args.write_stats}")
+        return
+    if names != ["fid-inception"] or args.ref:
+        raise ValueError("--ref-stats goes with --metric fid-inception alone and no --ref")
+    value = METRICS["fid-inception"](samples, args.ref_stats, device=device)
+    print(json.dumps({"metric": "fid-inception", "value": value, "reference": args.ref_stats,
+                      "n_samples": len(samples)}) if args.json == "-" else f"fid-inception {value:.4f} "
+          f"({args.samples}: {len(samples)} vs statistics {args.ref_stats})")
 
 
 if __name__ == "__main__":

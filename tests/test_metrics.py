@@ -10,7 +10,8 @@ import torch
 
 from metrics import METRICS, fid_mnist
 from metrics.frechet import feature_statistics, frechet_distance
-from metrics.inception import WEIGHTS_NAME, inception_features, load_inception
+from metrics.inception import (WEIGHTS_NAME, inception_features, inception_outputs, inception_score, load_inception,
+                               load_reference_statistics, save_reference_statistics)
 from metrics.mnist_net import (CHECKPOINT_NAME, accuracy, cache_dir, load_mnist_feature_net, mnist_features,
                                save_mnist_feature_net, train_mnist_classifier)
 from metrics.toy import mmd, sliced_wasserstein
@@ -135,6 +136,79 @@ def test_inception_random_init_gives_pool3_features():
     assert features.shape == (4, 2048) and torch.isfinite(features).all()
     with pytest.raises(ValueError, match="uint8"):
         inception_features(net, images.float())
+
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
+    """torch-fidelity's Inception with random weights, saved as a weights file: the loading path runs for real."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_NAME
+    torch.save(load_inception(random_init=True).state_dict(), path)
+    return path
+
+
+def test_inception_weights_file_loads_through_torch_fidelity(random_inception_file):
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    reference = load_inception(random_init=True)
+    reference.load_state_dict(torch.load(random_inception_file, weights_only=True))
+    loaded = load_inception(random_inception_file)
+    assert torch.equal(inception_features(loaded, images), inception_features(reference, images))
+    pool, logits = inception_outputs(loaded, images[:, :1], batch=2)  # grey images are repeated to RGB
+    assert pool.shape == (5, 2048) and logits.shape == (5, 1008) and pool.dtype == torch.float64
+
+
+def test_inception_weights_with_pickled_code_are_refused(tmp_path):
+    path = tmp_path / WEIGHTS_NAME
+    torch.save({"fc.weight": torch.zeros(1), "payload": BatchNormLike}, path)
+    with pytest.raises(ValueError, match="cannot load FID Inception weights"):
+        load_inception(path)
+
+
+class BatchNormLike:  # a class in a weights file: what weights_only=True refuses
+    pass
+
+
+def test_fid_against_saved_reference_statistics_equals_fid_against_the_images(random_inception_file, tmp_path):
+    g = torch.Generator().manual_seed(2)
+    samples = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    real = torch.randint(0, 128, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    net = load_inception(random_inception_file)
+    stats = feature_statistics(inception_features(net, real))
+    save_reference_statistics(tmp_path / "ref.npz", *stats)
+    from_images = METRICS["fid-inception"](samples, real, net=net)
+    from_stats = METRICS["fid-inception"](samples, tmp_path / "ref.npz", net=net)
+    assert from_images > 0 and abs(from_images - from_stats) < 1e-6 * from_images
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(10), sigma=np.eye(10))
+    with pytest.raises(ValueError, match="must be mu \\[2048\\] and sigma"):
+        load_reference_statistics(tmp_path / "bad.npz")
+
+
+def test_inception_score_of_known_logits():
+    uniform = torch.zeros(100, 1008, dtype=torch.float64)
+    assert abs(inception_score(uniform, splits=2)[0] - 1.0) < 1e-9  # no class information: IS = 1
+    confident = torch.full((100, 1008), -30.0, dtype=torch.float64)  # others at e^-30: certain, finite logs
+    confident[torch.arange(100), torch.arange(100) % 10] = 0  # 10 classes, each certain, balanced
+    mean, std = inception_score(confident, splits=1)
+    assert abs(mean - 10.0) < 1e-6 and std == 0  # exp(log 10)
+
+
+def test_eval_writes_and_uses_reference_statistics(random_inception_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTDIFF_INCEPTION", str(random_inception_file))
+    g = torch.Generator().manual_seed(3)
+    np.savez(tmp_path / "real.npz", images=torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g))
+    np.savez(tmp_path / "fake.npz", images=torch.randint(0, 64, (12, 3, 16, 16), dtype=torch.uint8, generator=g))
+    eval_main([str(tmp_path / "real.npz"), "--write-stats", str(tmp_path / "stats.npz"), "--device", "cpu"])
+    eval_main([str(tmp_path / "fake.npz"), "--metric", "fid-inception", "--ref-stats", str(tmp_path / "stats.npz"),
+               "--json", "--device", "cpu"])
+    value = json.loads(capsys.readouterr().out.splitlines()[-1])["value"]
+    eval_main([str(tmp_path / "fake.npz"), "--metric", "fid-inception", "--ref", str(tmp_path / "real.npz"),
+               "--json", "--device", "cpu"])
+    assert abs(json.loads(capsys.readouterr().out.splitlines()[-1])["value"] - value) < 1e-6 * value
+    np.savez(tmp_path / "small.npz", images=np.zeros((12, 3, 8, 8), np.uint8))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(tmp_path / "small.npz"), "--metric", "fid-inception", "--ref", str(tmp_path / "real.npz")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "samples are 8x8 images, the reference 16x16" in err
 
 
 def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch):
