@@ -69,8 +69,7 @@ def load_run(path, device="cpu", ema=True, **injected):
         injected["teacher"] = load_teacher(config["teacher"], dataset, config["train"]["conditional"], device,
                                            record=record, run=path)[0]
     objective = build_objective(config, **injected).to(device)
-    if hasattr(objective, "load_state_dict"):
-        objective.load_state_dict(state.get("objective", {}))
+    objective.load_state_dict(state.get("objective", {}))
     weights = state["ema" if ema else "networks"]
     for role, net in objective.networks.items():
         if role not in weights:

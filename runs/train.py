@@ -19,8 +19,6 @@ weights as one never stopped. A run directory belongs to one run (runs/rundir.py
 and by wall clock, and a non-finite loss stops the run keeping the newest checkpoint whose weights gave finite losses.
 """
 import contextlib
-import itertools
-import json
 import math
 import os
 import sys
@@ -32,6 +30,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from models.ema import ema_beta, make_ema, update_ema
+from runs.batches import BatchOrder, batches
 from runs.build import build_dataset, build_objective, complete_config
 from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runs.cli import ArgumentParser, cli_errors, pick_device
@@ -43,49 +42,9 @@ from runs.provenance import record_provenance
 from runs.rundir import claimed
 from objectives.base import using_networks
 from runs.images import save_image_grid
+from runs.logger import Logger
 from runs.quality import write_quality_report
 from runs.teacher import absolute, prepare_teacher, shared_rollouts
-
-
-class BatchOrder:
-    """Indices of the global batch at step k: epoch e = k // steps_per_epoch is a permutation seeded by (seed, e).
-    Each DDP rank takes its own slice. No iterator state, so resuming at any step is exact."""
-
-    def __init__(self, n, batch_size, seed, rank=0, world=1):
-        if batch_size % world:
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by the {world} processes")
-        if batch_size > n:
-            raise ValueError(f"train.batch_size={batch_size} exceeds the data set size ({n})")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.steps_per_epoch = n // batch_size
-        self.epoch, self.perm = None, None
-
-    def __call__(self, step):
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=generator)
-        batch = self.perm[j * self.batch_size:(j + 1) * self.batch_size]
-        per_rank = self.batch_size // self.world
-        return batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
-
-
-def batches(dataset, order, start_step, num_workers):
-    """Yield collated batches for steps start_step, start_step + 1, ... A data set with a `batch(indices)` method
-    (the trajectory store: each shard read once per batch) is read through it instead of item by item."""
-    if hasattr(dataset, "batch"):
-        return (dataset.batch(order(step)) for step in itertools.count(start_step))
-    class Steps(torch.utils.data.Sampler):
-        def __iter__(self):
-            step = start_step
-            while True:
-                yield order(step)
-                step += 1
-    # Its own generator: creating the iterator must not draw from the global RNG the objective uses.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=Steps(), num_workers=num_workers,
-                                         persistent_workers=num_workers > 0,
-                                         generator=torch.Generator().manual_seed(start_step))
-    return iter(loader)
 
 
 def learning_rate(step, r, s):
@@ -318,42 +277,6 @@ def last_good(run_dir, bad_step, main_process=True):
     if not path.exists():
         return "No good checkpoint had been written yet."
     return f"The last good checkpoint, {path}, is kept (step {load_checkpoint(path)['step']})."
-
-
-class Logger:
-    """metrics.jsonl (truncated to `start_step` on resume, so a killed run leaves no duplicate lines) and
-    TensorBoard, on the main process only."""
-
-    def __init__(self, run_dir, start_step, enabled=True):
-        self.enabled = enabled
-        if not enabled:
-            return
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(run_dir / "tensorboard", purge_step=start_step or None)
-        except ImportError:  # tensorboard is a dependency; tolerate its absence in stripped-down installs
-            self.tb = None
-
-    def write(self, record):
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 def make_config(args):

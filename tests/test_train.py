@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import runs.checkpoint as checkpoint
+from models import BACKBONES
 from objectives.dsm import DSM
 from runs.checkpoint import load_checkpoint, save_checkpoint
-from runs.train import BatchOrder, make_config, parse_args, train
+from runs.batches import BatchOrder
+from runs.train import make_config, parse_args, train
 
 TOY = ["--backbone", "mlp", "--data", "moons", "data.n=512", "backbone.hidden=32", "backbone.num_blocks=2",
        "train.batch_size=64", "train.log_every=1", "train.ckpt_every=3", "train.warmup_steps=2", "train.seed=3",
@@ -123,7 +125,7 @@ def test_batch_order_is_a_function_of_the_step_and_splits_across_ranks():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backbone", "resnet"], "unknown backbone 'resnet'; known: fno, mlp, unet"),
+    (["--backbone", "resnet"], "unknown backbone 'resnet'; known: " + ", ".join(sorted(BACKBONES))),
     (["--objective", "gan"], "unknown objective 'gan'; known: boot, cd, ct, "),
     (["backbone.chanels=3"], "takes no argument"),
     (["train.stepz=3"], "train takes no setting"),
