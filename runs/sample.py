@@ -16,6 +16,14 @@ for (as solvers.sigmas_for_nfe counts them). A file written by runs.optimise_sch
 are then the defaults for --solver and --nfe and must agree with them when given; a plain list of sigmas (text or
 .json, no metadata) samples with --solver (default: the run's own) at --nfe (default 35). Anything else is one line
 and exit code 2.
+
+Class-conditional runs draw a random class per sample, or all samples of `--class C`. `--guidance W` samples with
+classifier-free guidance (Ho & Salimans 2022; solvers/guidance.py) in EDM2's convention, D_u + W (D_c - D_u): W = 1
+is the conditional model (no guidance, the default), W = 0 the unconditional one. `--guidance-interval LO HI` guides
+only for LO < sigma <= HI (Kynkaanniemi et al. 2024). A guided evaluation is one batched call and counts as 1 NFE:
+
+    python -m runs.sample RUN --guidance 2 --class 3 --out threes.png
+    python -m runs.sample RUN --guidance 3 --guidance-interval 0.28 2.9 --solver heun --nfe 35
 """
 import inspect
 import os
@@ -27,10 +35,11 @@ import torch
 
 from objectives.base import pick, using_networks
 from runs.build import build_dataset, load_run
-from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
+from runs.cli import ArgumentParser, cli_errors, non_negative_float, pick_device, positive_int
 from runs.images import save_image_grid, to_uint8
 from solvers import SCHEDULES, SOLVERS, options_for_nfe, schedule_kwargs, sigmas_for_nfe
 from solvers.common import CountingDenoiser
+from solvers.guidance import guided
 from solvers.optimise import load_schedule
 
 DEFAULT_NFE = 35
@@ -93,27 +102,50 @@ def file_defaults(schedule, solver, nfe):
     return solver, nfe
 
 
-def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, seed=0, device="cpu", labels=None):
+def check_guidance(config, dataset, guidance, interval, class_label):
+    """Refuse guidance and class choices this run cannot take, in one line each."""
+    conditional = config["train"]["conditional"]
+    if guidance is not None and not conditional:
+        raise ValueError("--guidance needs a class-conditional run (this run has train.conditional false)")
+    if class_label is not None and not conditional:
+        raise ValueError("--class needs a class-conditional run (this run has train.conditional false)")
+    if interval is not None and guidance is None:
+        raise ValueError("--guidance-interval needs --guidance W")
+    if class_label is not None and not 0 <= class_label < dataset.num_classes:
+        raise ValueError(f"--class {class_label} is not a class of this run's data (0 to {dataset.num_classes - 1})")
+
+
+def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, seed=0, device="cpu", labels=None,
+           guidance=None, interval=None, class_label=None):
     """(samples [n, ...] in data space, labels or None, measured NFE per sample, images per second).
 
     A run whose method samples with a solver (`objective.sampler()`: a diffusion teacher, a reflow model) is integrated
     in float64 with its own solver and schedule, or with `solver` / `schedule` when given (any run that yields a
     denoiser); `schedule` is a name in SCHEDULES or a schedule file (`file_sigmas`). Other methods (one-step students,
     progressive distillation's nested grid) sample with their own `generate`. NFE counts the network evaluations
-    either way."""
+    either way. `class_label` gives every sample that class; `guidance` (w, 1 = none) and `interval` ((lo, hi) in
+    sigma) sample the denoiser with classifier-free guidance (solvers.guidance.guided), one NFE per guided call."""
     device = torch.device(device)
     dataset = build_dataset(config)
     conditional = config["train"]["conditional"]
+    check_guidance(config, dataset, guidance, interval, class_label)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)  # what a stochastic `generate` draws (multistep consistency sampling) is per --seed too
     if conditional and labels is None:
         labels = torch.randint(0, dataset.num_classes, (n,), generator=generator)
+        if class_label is not None:  # drawn anyway: a --seed has the same noise with or without --class
+            labels = torch.full_like(labels, class_label)
     denoiser = objective.denoiser()
+    name = config["objective"]["name"]
     if (solver is not None or schedule is not None) and denoiser is None:
-        raise ValueError(f"objective {config['objective']['name']!r} samples with its own generator; drop "
-                         "--solver / --schedule")
+        raise ValueError(f"objective {name!r} samples with its own generator; drop --solver / --schedule")
+    if guidance is not None and denoiser is None:
+        raise ValueError(f"objective {name!r} samples with its own generator (no denoiser to guide); drop --guidance")
     own = objective.sampler()  # (solver, schedule, schedule_kwargs) or None
     use_solver = denoiser is not None and (solver is not None or schedule is not None or own is not None)
+    if guidance is not None and not use_solver:
+        raise ValueError(f"objective {name!r} samples with its own generate; guidance needs a solver: add --solver "
+                         "to integrate its denoiser with guidance")
     if use_solver:
         solver = pick(SOLVERS, solver, "solver") if solver else own[0] if own else SOLVERS["heun"]
         path = schedule_file(schedule)
@@ -129,6 +161,8 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
         options = options_for_nfe(solver, nfe)
         if "generator" in inspect.signature(solver).parameters:  # stochastic samplers: reproducible per --seed
             options["generator"] = torch.Generator(device).manual_seed(seed + 1)
+        if guidance is not None:  # wrapped inside the counter: one guided (batched) call is one NFE
+            denoiser = guided(denoiser, guidance, interval, label_dim=dataset.num_classes)
         counted = CountingDenoiser(denoiser)
     else:
         counted = {role: CountCalls(net) for role, net in objective.networks.items()}
@@ -139,7 +173,10 @@ def sample(objective, config, n, nfe, solver=None, schedule=None, batch=500, see
         tic = time.perf_counter()
         with torch.inference_mode():
             if use_solver:
-                x = solver(counted, z.double() * sigmas[0], sigmas.double(), cond=cond, **options).float()
+                x = z.double() * sigmas[0]
+                if guidance is not None:  # which evaluations are guided, decided on the host before sampling
+                    denoiser.plan(solver, sigmas.double(), like=x, **options)
+                x = solver(counted, x, sigmas.double(), cond=cond, **options).float()
             else:
                 with using_networks(objective, counted):
                     x = objective.generate(z, nfe, cond)
@@ -193,6 +230,12 @@ def main(argv=None):
     p.add_argument("--out", default="samples.npz", help=".npz or .png")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--device", default="auto")
+    p.add_argument("--class", dest="class_label", type=int, metavar="C",
+                   help="class id of every sample (conditional runs; default: a random class per sample)")
+    p.add_argument("--guidance", type=non_negative_float, metavar="W",
+                   help="classifier-free guidance scale, D_u + W (D_c - D_u): 1 = none (default), 0 = unconditional")
+    p.add_argument("--guidance-interval", type=non_negative_float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only for LO < sigma <= HI (Kynkaanniemi et al. 2024); elsewhere the conditional model")
     args = p.parse_args(argv)
     with cli_errors():
         if not args.out.endswith((".npz", ".png")):
@@ -201,9 +244,13 @@ def main(argv=None):
         device = pick_device(args.device)
         config, objective = load_run(args.run, device, ema=not args.no_ema)
         samples, labels, nfe, rate = sample(objective, config, args.n, nfe, solver, args.schedule, args.batch,
-                                            args.seed, device)
+                                            args.seed, device, guidance=args.guidance,
+                                            interval=args.guidance_interval, class_label=args.class_label)
         write(samples, labels, args.out)
-        print(f"wrote {len(samples)} samples to {args.out} (NFE {nfe:g} measured, {rate:.1f} samples/s on {device})")
+        guide = "" if args.guidance is None else f", guidance {args.guidance:g}" + (
+            "" if args.guidance_interval is None else " for sigma in ({:g}, {:g}]".format(*args.guidance_interval))
+        print(f"wrote {len(samples)} samples to {args.out} (NFE {nfe:g} measured{guide}, {rate:.1f} samples/s on "
+              f"{device})")
 
 
 if __name__ == "__main__":

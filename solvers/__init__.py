@@ -6,8 +6,9 @@
 A sampler is `sample(denoiser, x, sigmas, cond=None, callback=None, return_trajectory=False, **options)`
 with x = sigmas[0] * z and sigmas strictly decreasing and ending in 0 (n steps = n + 1 entries). It
 carries `steps_for_nfe(nfe)` and `options_for_nfe(nfe)`, so that a budget of NFE evaluations is met
-exactly; wrap the denoiser in `CountingDenoiser` to measure it. Registries are plain dicts, open to
-users: SOLVERS["mine"] = my_sampler.
+exactly; wrap the denoiser in `CountingDenoiser` to measure it. Classifier-free guidance is a denoiser
+wrapper, `guided(denoiser, w, interval)` (solvers/guidance.py), so every solver takes it unchanged.
+Registries are plain dicts, open to users: SOLVERS["mine"] = my_sampler.
 """
 import inspect
 
@@ -18,6 +19,7 @@ from .dpm_solver import dpm_solver_step, sample_dpm_solver_1, sample_dpm_solver_
 from .dpmpp import (dpmpp_2m_sde_step, dpmpp_2m_step, dpmpp_2s_step, dpmpp_3m_step, sample_dpmpp_2m,
                     sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
 from .euler import euler_step, sample_euler
+from .guidance import GuidedDenoiser, guided
 from .heun import heun_step, sample_heun
 from .multistep import deis_step, ipndm_step, lms_step, sample_deis, sample_ipndm, sample_lms
 from .stochastic import edm_stochastic_step, euler_ancestral_step, sample_edm_stochastic, sample_euler_ancestral
@@ -98,5 +100,5 @@ __all__ = [
     "sample_dpmpp_2m", "dpmpp_2m_step", "sample_dpmpp_3m", "dpmpp_3m_step", "sample_dpmpp_2m_sde",
     "dpmpp_2m_sde_step",
     "karras", "uniform_t", "logsnr", "polyexponential", "explicit", "from_file", "vp_sigma", "vp_t",
-    "get_solver", "get_schedule", "sigmas_for_nfe", "options_for_nfe",
+    "get_solver", "get_schedule", "sigmas_for_nfe", "options_for_nfe", "guided", "GuidedDenoiser",
 ]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models import BACKBONES
 from runs import list as runs_list
 from runs import sample as runs_sample
 from runs import train as runs_train
@@ -67,7 +68,7 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backbone", "resnet"], "error: unknown backbone 'resnet'; known: fno, mlp, unet"),
+    (["--backbone", "resnet"], "error: unknown backbone 'resnet'; known: " + ", ".join(sorted(BACKBONES))),
     (["--data", "imagenet"], "error: unknown data 'imagenet'; known:"),
     (["--data", "mnist", "data.path=/no/such/mnist.npz"], "/no/such/mnist.npz"),
     (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
