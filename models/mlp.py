@@ -6,16 +6,25 @@ Class labels are handled as in the U-Net: int64 indices [B] or float one-hot / s
 null label (the all-zero row, so an all-zero row and None give the same output), and `label_dropout` replaces a
 label by the null label with that probability in training only, which classifier-free guidance needs (Ho &
 Salimans 2022; solvers/guidance.py).
+
+`add_guidance_embedding(dim)` gives the net a guidance-weight input for guidance distillation (Meng et al. 2023;
+objectives/guidance_distill.py), as in the U-Net: forward(..., guidance=w), w [B], is embedded sinusoidally, passed
+through a 2-layer MLP whose last layer starts at zero, and added to the noise embedding; a net started from a
+teacher's weights thus computes exactly the teacher for every w until it trains. Such a net requires `guidance`;
+others refuse it.
 """
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.unet import FourierEmbedding, PositionalEmbedding
+from models.unet import (GUIDANCE_MAX_POSITIONS, FourierEmbedding, PositionalEmbedding, check_guidance_dim,
+                         guidance_weights)
 
 
 class MLP(nn.Module):
-    """Residual MLP for vector data [B, D], with noise and optional class embedding."""
+    """Residual MLP for vector data [B, D], with noise and optional class (and guidance-weight) embedding."""
+
+    GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
 
     def __init__(self, dim=2, hidden=256, num_blocks=4, emb_channels=128, label_dim=0, dropout=0.0,
                  embedding="fourier", label_dropout=0.0):
@@ -29,6 +38,7 @@ class MLP(nn.Module):
         self.noise_embed = FourierEmbedding(emb_channels) if embedding == "fourier" else PositionalEmbedding(emb_channels)
         self.emb = nn.Sequential(nn.Linear(emb_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
+        self.guidance_dim = 0  # add_guidance_embedding sets it
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(norm=nn.LayerNorm(hidden), fc1=nn.Linear(hidden, 2 * hidden),
@@ -39,6 +49,18 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    def add_guidance_embedding(self, dim):
+        """Give the net a guidance-weight input (module docstring): `dim` sinusoidal channels of w, then
+        Linear-SiLU-Linear into the noise embedding, the last layer zero-initialised. Returns self."""
+        self.guidance_dim = check_guidance_dim(dim, self.guidance_dim)
+        hidden, like = self.inp.out_features, self.inp.weight
+        self.guidance_embed = nn.Sequential(PositionalEmbedding(self.guidance_dim, GUIDANCE_MAX_POSITIONS),
+                                            nn.Linear(self.guidance_dim, hidden), nn.SiLU(),
+                                            nn.Linear(hidden, hidden)).to(like.device, like.dtype)
+        nn.init.zeros_(self.guidance_embed[-1].weight)
+        nn.init.zeros_(self.guidance_embed[-1].bias)
+        return self
 
     def _labels(self, class_labels, batch, device):
         """Class labels as float [B, label_dim] (None = the null label, zeros), with label dropout in training."""
@@ -56,8 +78,15 @@ class MLP(nn.Module):
             labels = labels * keep
         return labels
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x, noise_labels, class_labels=None, **extra):
+        guidance = extra.pop("guidance", None)
+        if extra:
+            raise ValueError(f"MLP got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels"
+                             + (", guidance" if self.guidance_dim else ""))
         emb = self.emb(self.noise_embed(noise_labels))
+        if self.guidance_dim or guidance is not None:
+            w = guidance_weights(guidance, x.shape[0], x.device, type(self).__name__, self.guidance_dim)
+            emb = emb + self.guidance_embed(w)
         if self.label_embed is not None:
             emb = emb + self.label_embed(self._labels(class_labels, x.shape[0], x.device))
         elif class_labels is not None:

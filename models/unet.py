@@ -99,6 +99,33 @@ class FourierEmbedding(nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+GUIDANCE_MAX_POSITIONS = 1000  # the guidance embedding's lowest frequency is 1/1000: smooth over w in [0, ~10]
+
+
+def guidance_weights(guidance, batch, device, name, guidance_dim):
+    """A backbone's `guidance` input as float32 [B]; a one-line ValueError when it is missing or not wanted."""
+    if not guidance_dim:
+        raise ValueError(f"guidance given to a {name} without a guidance embedding (guidance_dim=0; see "
+                         "add_guidance_embedding)")
+    if guidance is None:
+        raise ValueError(f"{name} with guidance_dim={guidance_dim} needs guidance=w (a [B] tensor of guidance "
+                         "weights) at every call")
+    w = torch.as_tensor(guidance, dtype=torch.float32, device=device)
+    w = w.expand(batch) if w.ndim == 0 else w
+    if w.shape != (batch,):
+        raise ValueError(f"guidance must be a scalar or have shape [{batch}]; got {list(w.shape)}")
+    return w
+
+
+def check_guidance_dim(dim, current):
+    """`dim` as an int when it is a positive even number and the net has no guidance embedding yet."""
+    if current:
+        raise ValueError(f"this net has a guidance embedding already (guidance_dim={current})")
+    if isinstance(dim, bool) or int(dim) != dim or dim < 2 or dim % 2:
+        raise ValueError(f"guidance_dim must be a positive even number; got {dim!r}")
+    return int(dim)
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block with adaptive scale/shift from the embedding, optional resampling by 2 and
     optional multi-head self-attention after it."""
@@ -173,7 +200,16 @@ class UNet(nn.Module):
 
     Class labels are int64 indices [B] or float one-hot / soft labels [B, label_dim]; None means the null label
     (the zero vector), which `label_dropout` trains for classifier-free guidance.
+
+    Guidance-weight input (guidance distillation, Meng et al. 2023; objectives/guidance_distill.py): after
+    `add_guidance_embedding(dim)` forward takes guidance=w, a [B] tensor (or a scalar), embedded sinusoidally
+    (GUIDANCE_MAX_POSITIONS) and, through a zero-initialised linear layer, added to the noise embedding like the class
+    embedding. The zero init makes a net started from a teacher's weights (init_from_teacher with allow_missing=
+    GUIDANCE_PREFIXES) compute exactly the teacher for every w. Such a net requires `guidance`; others refuse it.
+    It is a method, not a constructor argument, so that FNOUNet keeps taking exactly UNet's arguments.
     """
+
+    GUIDANCE_PREFIXES = ("map_guidance",)  # what add_guidance_embedding adds (a teacher lacks them)
 
     def __init__(
         self,
@@ -227,6 +263,7 @@ class UNet(nn.Module):
         else:
             self.map_noise = FourierEmbedding(model_channels, fourier_scale)
         self.map_label = init_layer(nn.Linear(label_dim, model_channels)) if label_dim else None
+        self.guidance_dim = 0  # add_guidance_embedding sets it
         self.map_layer0 = init_layer(nn.Linear(model_channels, emb_channels))
         self.map_layer1 = init_layer(nn.Linear(emb_channels, emb_channels))
 
@@ -263,6 +300,18 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(channels)
         self.out_conv = init_layer(nn.Conv2d(channels, out_channels, 3, padding=1), scale=1e-5)
 
+    def add_guidance_embedding(self, dim):
+        """Give the net a guidance-weight input (see the class docstring): `dim` sinusoidal channels of w, then a
+        zero-initialised linear map into the noise embedding. Parameters under GUIDANCE_PREFIXES. Returns self."""
+        self.guidance_dim = check_guidance_dim(dim, self.guidance_dim)
+        like = self.map_layer0.weight
+        self.map_guidance = PositionalEmbedding(self.guidance_dim, GUIDANCE_MAX_POSITIONS).to(like.device)
+        self.map_guidance_proj = nn.Linear(self.guidance_dim, self.map_layer0.in_features,
+                                           device=like.device, dtype=like.dtype)
+        nn.init.zeros_(self.map_guidance_proj.weight)
+        nn.init.zeros_(self.map_guidance_proj.bias)
+        return self
+
     def num_params(self):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -295,6 +344,7 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels given to an unconditional {name} (label_dim=0); pass None or set label_dim")
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
+        guidance = extra.pop("guidance", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
         if noise_labels.ndim == 0:
@@ -306,6 +356,9 @@ class UNet(nn.Module):
         if self.map_label is not None:
             labels = self._labels(class_labels, batch, x.device)
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
+        if self.guidance_dim or guidance is not None:
+            w = guidance_weights(guidance, batch, x.device, type(self).__name__, self.guidance_dim)
+            emb = emb + self.map_guidance_proj(self.map_guidance(w))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
         h = self.enc_in(x)

@@ -10,6 +10,7 @@ from objectives.dmd2 import DMD2
 from objectives.dsm import DSM
 from objectives.dsno import DSNO
 from objectives.ect import ECT
+from objectives.guidance_distill import GuidanceDistill, GuidanceProgressive
 from objectives.ict import ICT
 from objectives.kd import KD
 from objectives.progressive import Progressive
@@ -34,4 +35,6 @@ OBJECTIVES = {
     "dmd2": DMD2,
     "sid": SiD,
     "diffratio": DiffRatio,
+    "guidance_distill": GuidanceDistill,
+    "guidance_progressive": GuidanceProgressive,
 }

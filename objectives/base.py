@@ -67,6 +67,7 @@ class Objective:
 
     needs_teacher = False   # the loop builds a frozen teacher (--teacher RUN, or an analytic one) and passes teacher=
     needs_data = True       # the method learns from real data (False: teacher-only / data-free, e.g. BOOT, DMD)
+    needs_labels = False    # class-conditional only (guidance distillation): train.conditional defaults to true
     rollouts = None         # dict(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n): learns from
     rollout_sigmas = None   # teacher rollouts, saved at these sigmas [K]; batches are then (z, xs, labels)
     eval_nfe = None         # NFE of the loop's sample grids and quality report; None: train.sample_nfe

@@ -35,7 +35,7 @@ from runs.build import build_dataset, build_objective, complete_config
 from runs.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runs.cli import ArgumentParser, cli_errors, pick_device
 from models import BACKBONES
-from objectives import pick
+from objectives import OBJECTIVES, pick
 from runs.config import (TrainSettings, constructor_defaults, load_yaml, merge, parse_overrides, resolve, role_settings,
                          save_yaml)
 from runs.provenance import record_provenance
@@ -307,6 +307,8 @@ def make_config(args):
         inherited = inherited_from_teacher(teacher_path, config["backbone"]["name"] if named else None)
         config = merge(defaults, inherited, preset, flags, overrides)
         config["teacher"]["path"] = absolute(teacher_path)  # the student's record works from any directory
+    if pick(OBJECTIVES, config["objective"]["name"], "objective").needs_labels:
+        config["train"] = {"conditional": True, **config.get("train", {})}  # unless set otherwise: fails clearly
     return complete_config(config)
 
 

@@ -153,6 +153,16 @@ class GuidedDenoiser:
                              "num_classes): pass label_dim=K or one-hot labels")
         return F.one_hot(class_labels.long(), self.label_dim).to(torch.float32)
 
+    def predictions(self, x, sigma, class_labels):
+        """(D_c, D_u): the conditional and the unconditional prediction from ONE call of the denoiser on 2B (x twice;
+        the labels as rows, then the null label as all-zero rows), sigma a [B] tensor. What __call__ mixes with its
+        scale; guidance distillation mixes them with a per-sample w instead (objectives/guidance_distill.py)."""
+        batch = x.shape[0]
+        labels = self._onehot(class_labels, batch)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             class_labels=torch.cat([labels, torch.zeros_like(labels)]))
+        return both[:batch], both[batch:]
+
     def __call__(self, x, sigma, class_labels=None):
         if self.scale == 1 or class_labels is None:  # no guidance, or no condition (then D_c = D_u)
             return self.denoiser(x, sigma, class_labels=class_labels)
@@ -163,10 +173,7 @@ class GuidedDenoiser:
         decision = self._decide(sigma)
         if decision is False:  # outside the interval: the conditional pass alone, batch B
             return self.denoiser(x, sigma, class_labels=class_labels)
-        labels = self._onehot(class_labels, batch)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                             class_labels=torch.cat([labels, torch.zeros_like(labels)]))
-        cond, uncond = both[:batch], both[batch:]
+        cond, uncond = self.predictions(x, sigma, class_labels)
         guided = uncond + self.scale * (cond - uncond)
         if decision is None:  # per sample, on the device
             inside = self.inside(sigma).reshape(batch, *[1] * (x.ndim - 1))
