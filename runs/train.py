@@ -128,9 +128,10 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
     roles = config["optim"]
 
     with (claimed(run_dir, config, resume) if main_process else contextlib.nullcontext(Path(run_dir))) as run_dir:
+        training_data = dataset  # what batches come from: the data, or the objective's teacher rollouts
         if objective.rollouts:
-            dataset = shared_rollouts(objective, teacher, teacher_description, config, run_dir, dataset, device,
-                                      main_process, world, torch_dist.barrier)
+            training_data = shared_rollouts(objective, teacher, teacher_description, config, run_dir, dataset, device,
+                                            main_process, world, torch_dist.barrier)
         objective.to(device)
         nets = {role: net.to(device) for role, net in objective.networks.items()}
         trainable = {role: [p for p in net.parameters() if p.requires_grad] for role, net in nets.items()}
@@ -167,8 +168,8 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                        for role, net in fast.items()}
         sampling_nets = {role: ema.get(role, net) for role, net in nets.items()}
 
-        order = BatchOrder(len(dataset), s.batch_size, s.seed, rank, world)
-        data = batches(dataset, order, step, s.num_workers)
+        order = BatchOrder(len(training_data), s.batch_size, s.seed, rank, world)
+        data = batches(training_data, order, step, s.num_workers)
         log = Logger(run_dir, step, enabled=main_process)
         grid_noise = torch.randn([s.sample_grid, *dataset.shape], generator=torch.Generator().manual_seed(s.seed))
         grid_labels = (torch.arange(s.sample_grid) % dataset.num_classes) if s.conditional else None
