@@ -227,8 +227,8 @@ class GuidanceProgressive(Progressive):
 
     def __init__(self, backbone, teacher=None, w_min=0.0, w_max=4.0, sample_w=2.0, parameterisation="teacher",
                  sigma_data=None, weighting="truncated_snr", distance="mse", start_steps=64, end_steps=1,
-                 steps_per_stage=50000, final_stages_factor=2, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                 fresh_optimizer_per_stage=True):
+                 steps_per_stage=None, final_stages_factor=2, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                 fresh_optimizer_per_stage=True, total_steps=None):
         if teacher is None or not getattr(teacher, "takes_guidance", False):
             raise ValueError("guidance_progressive needs a w-conditioned teacher: --teacher RUN of a guidance_distill "
                              "run (stage one)")
@@ -245,7 +245,7 @@ class GuidanceProgressive(Progressive):
                          weighting=weighting, distance=distance, start_steps=start_steps, end_steps=end_steps,
                          steps_per_stage=steps_per_stage, final_stages_factor=final_stages_factor,
                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         fresh_optimizer_per_stage=fresh_optimizer_per_stage)
+                         fresh_optimizer_per_stage=fresh_optimizer_per_stage, total_steps=total_steps)
         self.w_min, self.w_max, self.sample_w = float(w_min), float(w_max), float(sample_w)
         # the end-of-run report's reference is the teacher's own (fixed-w) map: comparable at the same w only
         self.learns_teacher_map = self.sample_w == getattr(teacher, "w", None)

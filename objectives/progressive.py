@@ -78,8 +78,8 @@ class Progressive(Objective):
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, parameterisation="teacher", sigma_data=None, weighting="truncated_snr",
-                 distance="mse", start_steps=64, end_steps=1, steps_per_stage=50000, final_stages_factor=2,
-                 sigma_min=0.002, sigma_max=80.0, rho=7.0, fresh_optimizer_per_stage=True):
+                 distance="mse", start_steps=64, end_steps=1, steps_per_stage=None, final_stages_factor=2,
+                 sigma_min=0.002, sigma_max=80.0, rho=7.0, fresh_optimizer_per_stage=True, total_steps=None):
         super().__init__()
         if teacher is None:
             raise ValueError("progressive needs a teacher: pass --teacher RUN (a trained denoiser) or an analytic one")
@@ -87,7 +87,7 @@ class Progressive(Objective):
             raise ValueError(f"progressive: start_steps and end_steps must be powers of 2, end_steps < start_steps; "
                              f"got start_steps={start_steps!r}, end_steps={end_steps!r}")
         self.num_stages = int(math.log2(start_steps // end_steps))
-        self.stage_lengths = self._stage_lengths(steps_per_stage, final_stages_factor, start_steps)
+        self.stage_lengths = self._stage_lengths(steps_per_stage, final_stages_factor, start_steps, total_steps)
         self.stage_starts = [sum(self.stage_lengths[:k]) for k in range(self.num_stages)]
         self.start_steps, self.end_steps = start_steps, end_steps
         if not 0 < sigma_min < sigma_max or not rho > 0:
@@ -107,15 +107,26 @@ class Progressive(Objective):
         self._grids = {}
         self.fresh_optimizer_per_stage = bool(fresh_optimizer_per_stage)
 
-    def _stage_lengths(self, steps_per_stage, final_stages_factor, start_steps):
+    def _stage_lengths(self, steps_per_stage, final_stages_factor, start_steps, total_steps):
+        """Stage lengths: a list, or steps_per_stage for each stage (the last two x final_stages_factor), or with
+        steps_per_stage=None the stages fill total_steps (runs.train: train.steps unless set) in those proportions;
+        with neither, the paper's 50,000 per stage."""
+        factors = [final_stages_factor if start_steps >> (k + 1) <= 2 else 1 for k in range(self.num_stages)]
+        if steps_per_stage is None and total_steps is None:
+            steps_per_stage = 50000
+        if steps_per_stage is None:
+            if not isinstance(total_steps, int) or total_steps < self.num_stages:
+                raise ValueError(f"progressive: total_steps={total_steps!r} cannot hold {self.num_stages} stages; "
+                                 "set steps_per_stage or train.steps")
+            steps_per_stage = [max(1, total_steps * f // sum(factors)) for f in factors]
+            steps_per_stage[-1] += total_steps - sum(steps_per_stage)
         if isinstance(steps_per_stage, (list, tuple)):
             lengths = list(steps_per_stage)
             if len(lengths) != self.num_stages:
                 raise ValueError(f"progressive: steps_per_stage lists {len(lengths)} stage lengths but there are "
                                  f"{self.num_stages} stages (start_steps -> end_steps halving)")
         else:  # the paper trains the stages down to 2 and 1 steps twice as long
-            lengths = [steps_per_stage * (final_stages_factor if start_steps >> (k + 1) <= 2 else 1)
-                       for k in range(self.num_stages)]
+            lengths = [steps_per_stage * f for f in factors]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
             raise ValueError(f"progressive: stage lengths must be integers >= 1, got {lengths} "
                              f"(steps_per_stage={steps_per_stage!r}, final_stages_factor={final_stages_factor!r})")

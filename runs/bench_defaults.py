@@ -92,6 +92,8 @@ def markdown(result):
         lines.append(f"| `{r['command']}` | {r['exit']} | {r['wall_min']} | {fmt(r['peak_rss_gib'])} | "
                      f"{pair('map_rmse', 'teacher_map_rmse')} | {pair('swd', 'teacher_swd')} | "
                      f"{fmt(r.get('beats_teacher'))} | {r['report'] or r.get('error', '')} |")
+    for note in result.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines + [""])
 
 
@@ -113,8 +115,9 @@ def main(argv=None):
         result = {"machine": f"{platform.machine()} with {os.cpu_count()} CPU cores", "torch": torch.__version__,
                   "date": time.strftime("%Y-%m-%d"), "provenance": provenance(), "rows": []}
         if args.append and out.with_suffix(".json").exists():
-            result["rows"] = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"]
-                              if r["objective"] not in names]
+            before = json.loads(out.with_suffix(".json").read_text())
+            result["rows"] = [r for r in before["rows"] if r["objective"] not in names]
+            result["notes"] = before.get("notes", [])
         with tempfile.TemporaryDirectory() as workdir:
             for name in names:
                 row = run_default(name, workdir, args.timeout_min * 60)

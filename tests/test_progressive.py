@@ -237,3 +237,15 @@ def test_each_stage_starts_with_a_fresh_optimiser(tmp_path, fresh):
     train(objective_config("progressive", "train.steps=3", f"objective.fresh_optimizer_per_stage={fresh}"), tmp_path)
     adam = load_checkpoint(tmp_path)["optimizers"]["student"]["state"]
     assert adam and {float(state["step"]) for state in adam.values()} == {1.0 if fresh else 3.0}
+
+
+def test_stages_fill_the_runs_steps_by_default():
+    teacher = GaussianMixtureDenoiser.from_data(GaussianMixtureData(dim=2, n=64))
+    objective = Progressive(MLP(dim=2, hidden=8, num_blocks=1), teacher=teacher, start_steps=8, total_steps=500)
+    uneven = Progressive(MLP(dim=2, hidden=8, num_blocks=1), teacher=teacher, start_steps=8, total_steps=501)
+    assert uneven.stage_lengths == [100, 200, 201]  # what rounding leaves goes to the last stage
+    assert objective.stage_lengths == [100, 200, 200]  # 4-, 2- and 1-step students; the last two twice as long
+    from runs.train import make_config, parse_args
+    config = make_config(parse_args(["--objective", "progressive", "--backbone", "mlp", "--data", "gmm",
+                                     "train.steps=300"]))[0]
+    assert config["objective"]["steps_per_stage"] is None and config["objective"]["total_steps"] == 300
