@@ -122,7 +122,7 @@ def main(argv=None):
             for name in names:
                 row = run_default(name, workdir, args.timeout_min * 60)
                 print(json.dumps(row), flush=True)
-                result["rows"].append(row)
+                result["rows"] = sorted(result["rows"] + [row], key=lambda r: r["objective"])
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
                 out.with_suffix(".md").write_text(markdown(result))
