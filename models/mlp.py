@@ -13,10 +13,10 @@ through a 2-layer MLP whose last layer starts at zero, and added to the noise em
 teacher's weights thus computes exactly the teacher for every w until it trains. Such a net requires `guidance`;
 others refuse it.
 """
-import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.labels import label_rows
 from models.unet import (GUIDANCE_MAX_POSITIONS, FourierEmbedding, PositionalEmbedding, check_guidance_dim,
                          guidance_weights)
 
@@ -63,20 +63,7 @@ class MLP(nn.Module):
         return self
 
     def _labels(self, class_labels, batch, device):
-        """Class labels as float [B, label_dim] (None = the null label, zeros), with label dropout in training."""
-        if class_labels is None:
-            labels = torch.zeros(batch, self.label_dim, device=device)
-        elif class_labels.dtype in (torch.int64, torch.int32) and class_labels.shape == (batch,):
-            labels = F.one_hot(class_labels.long(), self.label_dim).float()
-        elif class_labels.is_floating_point() and class_labels.shape == (batch, self.label_dim):
-            labels = class_labels.float()
-        else:
-            raise ValueError(f"class_labels must be int indices [{batch}] or float [{batch}, {self.label_dim}]; "
-                             f"got {class_labels.dtype} {list(class_labels.shape)}")
-        if self.training and self.label_dropout > 0:
-            keep = torch.rand(batch, 1, device=device) >= self.label_dropout
-            labels = labels * keep
-        return labels
+        return label_rows(class_labels, batch, self.label_dim, device, self.label_dropout, self.training)
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
         guidance = extra.pop("guidance", None)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.labels import label_rows
+
 try:
     import xformers.ops as xformers_ops
 except Exception:  # not installed, or built for another torch / CUDA: fall back to SDPA
@@ -317,20 +319,7 @@ class UNet(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def _labels(self, class_labels, batch, device):
-        """Class labels as float [B, label_dim] (null label = zeros), with label dropout in training."""
-        if class_labels is None:
-            labels = torch.zeros(batch, self.label_dim, device=device)
-        elif class_labels.dtype in (torch.int64, torch.int32) and class_labels.shape == (batch,):
-            labels = F.one_hot(class_labels.long(), self.label_dim).float()
-        elif class_labels.is_floating_point() and class_labels.shape == (batch, self.label_dim):
-            labels = class_labels.float()
-        else:
-            raise ValueError(f"class_labels must be int indices [{batch}] or float [{batch}, {self.label_dim}]; "
-                             f"got {class_labels.dtype} {list(class_labels.shape)}")
-        if self.training and self.label_dropout > 0:
-            keep = torch.rand(batch, 1, device=device) >= self.label_dropout
-            labels = labels * keep
-        return labels
+        return label_rows(class_labels, batch, self.label_dim, device, self.label_dropout, self.training)
 
     def check_inputs(self, x, class_labels, extra):
         """The input checks every forward of this family makes (x's shape, labels only when conditional)."""

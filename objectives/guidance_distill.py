@@ -250,22 +250,10 @@ class GuidanceProgressive(Progressive):
         # the end-of-run report's reference is the teacher's own (fixed-w) map: comparable at the same w only
         self.learns_teacher_map = self.sample_w == getattr(teacher, "w", None)
 
-    def loss(self, role, batch, step):
-        """Progressive.loss with guidance=w (w ~ U[w_min, w_max] per sample) given to the teacher and the student."""
-        self.advance(step)
-        x0, labels = batch
-        n = self.student_steps()
+    def conditioning(self, x0, labels):
+        """Progressive's conditioning plus guidance=w, w ~ U[w_min, w_max] per sample, for teacher and student."""
         w = self.w_min + (self.w_max - self.w_min) * torch.rand(x0.shape[0], device=x0.device)
-        cond = {"class_labels": labels if self.conditional else None, "guidance": w}
-        noise = torch.randn_like(x0)
-        i = torch.randint(1, n + 1, (x0.shape[0],), device=x0.device)
-        sigmas = self._teacher_grid(n, x0)
-        sigma, sigma_mid, sigma_next = (sigmas[2 * n - 2 * i + k] for k in range(3))
-        x = x0 + append_dims(sigma, x0.ndim) * noise
-        x0_tilde = self.target(x, sigma, sigma_mid, sigma_next, cond)
-        x0_hat = self.networks["student"](x, sigma, **cond)
-        loss = (self.weight(sigma) * self.distance(x0_hat, x0_tilde)).mean()
-        return loss, {"loss": loss.detach(), "student_steps": torch.tensor(float(n), device=x0.device)}
+        return {"class_labels": labels if self.conditional else None, "guidance": w}
 
     def denoiser(self):
         """The student at the fixed guidance weight sample_w."""

@@ -179,10 +179,14 @@ class Progressive(Objective):
             self._grids[key] = nested_sigmas(2 * n, **self.grid_kwargs).to(like.device, like.dtype)
         return self._grids[key]
 
+    def conditioning(self, x0, labels):
+        """What the teacher and the student are conditioned on for this batch (guidance_progressive adds w)."""
+        return {"class_labels": labels} if self.conditional else {}
+
     def loss(self, role, batch, step):
         self.advance(step)
         x0, labels = batch
-        cond = {"class_labels": labels} if self.conditional else {}
+        cond = self.conditioning(x0, labels)
         n = self.student_steps()
         noise = torch.randn_like(x0)
         i = torch.randint(1, n + 1, (x0.shape[0],), device=x0.device)
