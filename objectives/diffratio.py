@@ -87,6 +87,7 @@ from models.denoiser import Denoiser
 from models.generator import outputs_trajectory
 from models.noise import append_dims
 from objectives.base import Objective, choose, init_from_teacher, one_step_sample, teacher_preconditioning
+from objectives.distribution_matching import matching_surrogate
 
 INITS = ("teacher", "random")
 WEIGHTINGS = ("sigma2", "normalised")
@@ -118,11 +119,6 @@ def log_ratio_gradient(classifier, x_t, sigma, class_labels=None):
         logit = classifier(x_leaf, sigma, class_labels)
         (gradient,) = torch.autograd.grad(logit.sum(), x_leaf)
     return gradient.float(), logit.detach()
-
-
-def ratio_matching_surrogate(x_t, update):
-    """Per-sample 0.5 ||x_t - sg(x_t - update)||^2 (summed over elements): its gradient w.r.t. x_t is `update`."""
-    return 0.5 * (x_t - (x_t - update).detach()).square().reshape(x_t.shape[0], -1).sum(1)
 
 
 def output_channels(backbone):
@@ -224,7 +220,7 @@ class DiffRatio(Objective):
         x_t = x_fake + append_dims(sigma, x_fake.ndim) * noise
         gradient, logit = log_ratio_gradient(self.networks["classifier"], x_t, sigma, labels)
         update = self.weighted_update(sigma, gradient)
-        loss = ratio_matching_surrogate(x_t.float(), update).mean() / x_t[0].numel()
+        loss = matching_surrogate(x_t, update)  # 0.5 mean ||x_t - sg(x_t - update)||^2
         return loss, {"loss": loss.detach(), "update_rms": update.square().mean().sqrt(),
                       "log_ratio": logit.mean()}  # log_ratio: E_q[log q/p], a KL(q_sigma || p_sigma) estimate
 
