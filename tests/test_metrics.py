@@ -99,6 +99,9 @@ def test_corrupt_checkpoint_is_a_value_error_naming_the_path(tiny_net, tmp_path,
 
 
 def test_missing_checkpoint_without_training_and_cache_dir(tmp_path, monkeypatch):
+    import metrics.mnist_net
+    assert metrics.mnist_net.SHIPPED.exists() and load_mnist_feature_net(train_if_missing=False).meta["seed"] == 0
+    monkeypatch.setattr(metrics.mnist_net, "SHIPPED", tmp_path / "absent.pt")  # no shipped net: the cache is used
     monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "c" / CHECKPOINT_NAME)):
