@@ -81,6 +81,16 @@ class Denoiser(nn.Module):
         F = self.backbone(x_in, c_noise.flatten().to(torch.float32), class_labels, **extra)
         return F.to(x.dtype if x.dtype == torch.float64 else torch.float32), c_skip, c_out
 
+    def features(self, x, sigma, class_labels=None, **extra):
+        """The backbone's intermediate activations at the preconditioned input (c_in x, c_noise): a list of tensors
+        (see the backbone's `features`), for discriminator heads on a denoiser's features."""
+        if not hasattr(self.backbone, "features"):
+            raise ValueError(f"backbone {type(self.backbone).__name__} exposes no features() for a discriminator head")
+        sigma = append_dims(sigma_batch(sigma, x), x.ndim)
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        return self.backbone.features((c_in * x).to(torch.float32), c_noise.flatten().to(torch.float32),
+                                      class_labels, **extra)
+
     def forward(self, x, sigma, class_labels=None, **extra):
         F, c_skip, c_out = self.raw(x, sigma, class_labels, **extra)
         return c_skip * x + c_out * F

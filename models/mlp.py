@@ -66,6 +66,10 @@ class MLP(nn.Module):
         return label_rows(class_labels, batch, self.label_dim, device, self.label_dropout, self.training)
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
+        return self.out(F.silu(self.out_norm(self.features(x, noise_labels, class_labels, **extra)[-1])))
+
+    def features(self, x, noise_labels, class_labels=None, **extra):
+        """The hidden state [B, hidden] after each block, shallow to deep (what a discriminator head reads)."""
         guidance = extra.pop("guidance", None)
         if extra:
             raise ValueError(f"MLP got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels"
@@ -78,9 +82,10 @@ class MLP(nn.Module):
             emb = emb + self.label_embed(self._labels(class_labels, x.shape[0], x.device))
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional MLP (label_dim=0); pass None or set label_dim")
-        h = self.inp(x)
+        h, hidden = self.inp(x), []
         for block in self.blocks:
             scale, shift = block["emb"](F.silu(emb)).chunk(2, dim=1)
             y = F.silu(block["fc1"](block["norm"](h)))
             h = h + block["fc2"](self.dropout(y * (1 + scale) + shift))
-        return self.out(F.silu(self.out_norm(h)))
+            hidden.append(h)
+        return hidden or [h]

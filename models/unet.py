@@ -333,6 +333,25 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels given to an unconditional {name} (label_dim=0); pass None or set label_dim")
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
+        h, skips, emb = self.encode(x, noise_labels, class_labels, **extra)
+        for block, takes_skip in zip(self.dec, self.dec_skip):
+            if takes_skip:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return out.to(x.dtype)
+
+    def features(self, x, noise_labels, class_labels=None, **extra):
+        """The encoder's activations a discriminator head reads (LADD, DMD2's GAN head): the output of each
+        resolution level (its last block), then of the middle blocks (the bottleneck), shallow to deep, each
+        [B, C_l, H_l, W_l]."""
+        h, skips, _ = self.encode(x, noise_labels, class_labels, **extra)
+        level_ends = [i for i in range(1, len(self.enc) + 1)
+                      if i == len(self.enc) or self.enc[i].resample == "down"]
+        return [skips[i] for i in level_ends] + [h]
+
+    def encode(self, x, noise_labels, class_labels=None, **extra):
+        """(h after the middle blocks, the encoder activations the decoder consumes, the embedding)."""
         guidance = extra.pop("guidance", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
@@ -357,9 +376,4 @@ class UNet(nn.Module):
             skips.append(h)
         for block in self.mid:
             h = block(h, emb)
-        for block, takes_skip in zip(self.dec, self.dec_skip):
-            if takes_skip:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
-        out = self.out_conv(F.silu(self.out_norm(h)))
-        return out.to(x.dtype)
+        return h, skips, emb

@@ -12,8 +12,16 @@ Image Synthesis", checked against tianweiy/DMD2 (main/edm/edm_guidance.py, train
   two time-scale updates  the fake score every step, the generator every `generator_every` (5) steps, so that the
                           fake score tracks the generator (on this project's 2-D mixture test, seed 0, 400 steps:
                           sliced Wasserstein 0.50 -> 0.23 with 5, no progress with generator_every=1)
-  GAN term                a hook only, `gan_loss` (see there). Without it DMD2 is the paper's TTUR-only ablation:
-                          stable, about DMD's quality; the GAN term on real data is what surpasses the teacher
+  GAN term                (gan_g_weight > 0, the default) a classifier head on the fake score's bottleneck
+                          features ("fake_score", models.discriminators.FeatureHeads), trained with the fake score
+                          in its phase on real data and detached generator samples, each noised at a level of the
+                          grid: D loss softplus(D(fake)) + softplus(-D(real)) weighted gan_d_weight = 1e-2 and added
+                          to the fake score's DSM loss (the head's gradient reaches the fake score's encoder, as the
+                          paper's one optimiser over both); G loss softplus(-D(G(z) noised)) weighted gan_g_weight =
+                          3e-3 and added to the DM loss, through the frozen fake score (objectives/adversarial.py).
+                          gan_g_weight = 0 is the paper's TTUR-only ablation (no real data needed). Any registered
+                          discriminator may replace the head (discriminator=teacher_features: FastGen's variant, heads
+                          on the frozen teacher; conv; dino): it is then its own role, updated with the fake score
   multi-step generator    `student_sigmas` [s_0 > s_1 > ... > s_{K-1}]; sampling: x0 = G(s_0 z, s_0),
                           then x0 = G(x0 + s_k n_k, s_k) for k = 1..K-1 with fresh noise n_k (predict, re-noise)
   backward simulation     the generator's training inputs at step k come from running the current
@@ -33,8 +41,29 @@ Choices where the paper is silent or ours differ:
   the fake score. The paper's bf16 (fp16 diverged) is the loop's train.amp=auto on GPU.
 """
 import torch
+from torch import nn
 
+from models.discriminators import FeatureHeads, feature_levels, probe_features
+from objectives.adversarial import GanTerm
 from objectives.distribution_matching import DistributionMatching, KarrasGridLevels
+
+
+class FakeScoreWithHead(nn.Module):
+    """DMD2's fake score D_phi with its GAN classifier head on D_phi's bottleneck features: one module, so that both
+    train together in the fake score's phase. forward(x, sigma, labels) is the denoiser; logits=True gives the head's
+    logits [B, N] (the discriminator contract)."""
+
+    noise_conditional = True
+
+    def __init__(self, denoiser, shape, label_dim, width=64, cmap_dim=32):
+        super().__init__()
+        self.denoiser = denoiser
+        self.head = FeatureHeads(probe_features(denoiser, shape, "bottleneck"), label_dim, width, cmap_dim)
+
+    def forward(self, x, sigma, class_labels=None, logits=False):
+        if not logits:
+            return self.denoiser(x, sigma, class_labels)
+        return self.head(feature_levels(self.denoiser.features(x, sigma, class_labels), "bottleneck"), class_labels)
 
 
 class DMD2(KarrasGridLevels, DistributionMatching):
@@ -43,7 +72,9 @@ class DMD2(KarrasGridLevels, DistributionMatching):
     method = "dmd2"
 
     def __init__(self, backbone, teacher=None, student_sigmas=(80.0,), generator_every=5, sigma_min=0.002,
-                 sigma_max=80.0, rho=7.0, levels=1000, dm_min_fraction=0.02, dm_max_fraction=0.98):
+                 sigma_max=80.0, rho=7.0, levels=1000, dm_min_fraction=0.02, dm_max_fraction=0.98,
+                 gan_g_weight=3e-3, gan_d_weight=1e-2, discriminator="fake_score", disc_args=None,
+                 gan_loss="non_saturating", r1_weight=0.0, r1_kind="approximate"):
         sigmas = list(student_sigmas) if isinstance(student_sigmas, (list, tuple)) else None
         if (not sigmas or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in sigmas)
                 or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
@@ -56,9 +87,38 @@ class DMD2(KarrasGridLevels, DistributionMatching):
         self.student_sigmas = [float(s) for s in sigmas]
         self.generator_every = int(generator_every)
         self.eval_nfe = len(self.student_sigmas)
+        self.gan = None
+        if not (isinstance(gan_g_weight, (int, float)) and isinstance(gan_d_weight, (int, float))
+                and gan_g_weight >= 0 and gan_d_weight >= 0):
+            raise ValueError(f"dmd2: gan_g_weight and gan_d_weight must be numbers >= 0; got {gan_g_weight!r}, "
+                             f"{gan_d_weight!r}")
+        if gan_g_weight > 0:
+            if discriminator in (None, "none", ""):
+                raise ValueError("dmd2: a GAN term (gan_g_weight > 0) needs a discriminator: discriminator=fake_score "
+                                 "(the paper's head), teacher_features, conv or dino; gan_g_weight=0 turns it off")
+            if discriminator == "fake_score":
+                if disc_args:
+                    raise ValueError("dmd2: the fake_score head takes no disc_args")
+                like = torch.zeros(1, *self.data_shape(backbone))
+                discriminator = self.networks["fake_score"] = FakeScoreWithHead(
+                    self.networks["fake_score"], like.shape[1:], self.networks["student"].label_dim)
+                self.gan = GanTerm("dmd2", backbone, teacher, discriminator, None, gan_loss, r1_weight, r1_kind)
+                self.discriminate = lambda x, sigma, labels: self.networks["fake_score"](x, sigma, labels, logits=True)
+            else:
+                self.gan = GanTerm("dmd2", backbone, teacher, discriminator, disc_args, gan_loss, r1_weight, r1_kind)
+                self.networks["discriminator"] = self.gan.module
+                self.discriminate = lambda x, sigma, labels: self.networks["discriminator"](x, sigma, labels)
+            self.needs_data = True  # the discriminator sees real images
+        self.gan_g_weight, self.gan_d_weight = float(gan_g_weight), float(gan_d_weight)
+
+    @staticmethod
+    def data_shape(backbone):
+        dim = getattr(backbone, "dim", 0)
+        return (dim,) if dim else (backbone.in_channels, backbone.img_resolution, backbone.img_resolution)
 
     def phases(self, step):
-        return ["student", "fake_score"] if step % self.generator_every == 0 else ["fake_score"]
+        critics = ["fake_score", "discriminator"] if "discriminator" in self.networks else ["fake_score"]
+        return ["student", *critics] if step % self.generator_every == 0 else critics
 
     def denoising_chain(self, z, steps, labels):
         """(x, sigma) after `steps` steps of the multi-step sampler: x the input at student_sigmas[steps], x0 of each
@@ -79,28 +139,40 @@ class DMD2(KarrasGridLevels, DistributionMatching):
             x, sigma = self.denoising_chain(z, steps, labels)
         return self.networks["student"](x, z.new_full((z.shape[0],), sigma), labels)
 
-    def gan_loss(self, role, x_g, labels, batch, step):
-        """The GAN term of DMD2, added to `role`'s loss; None here. The discriminator issue fills it in:
-        a classifier head on the fake score's bottleneck features of noised inputs (the code: a random level of the
-        grid), trained in the fake_score phase with the non-saturating loss softplus(D(fake)) + softplus(-D(real))
-        (weight 1e-2; real images from the batch, so needs_data becomes True), and in the student phase
-        softplus(-D(G(z))) (weight 3e-3) through the frozen fake score. Returns a scalar tensor or None."""
-        return None
-
-    def with_gan_term(self, role, loss, logs, x_g, labels, batch, step):
-        gan = self.gan_loss(role, x_g, labels, batch, step)
-        if gan is not None:
-            loss = loss + gan
-            logs = {**logs, "gan": gan.detach(), "loss": loss.detach()}
-        return loss, logs
+    def gan_sigma(self, x):
+        """The noise level of each discriminator input: a level of the whole grid (as the fake score's)."""
+        return self.fake_sigma(x.shape[0], x.device)
 
     def student_loss(self, x_g, labels, batch, step):
         loss = self.distribution_matching_loss(x_g, labels)
-        return self.with_gan_term("student", loss, {"loss": loss.detach()}, x_g, labels, batch, step)
+        logs = {"dm": loss.detach()}
+        if self.gan is not None:
+            gan = self.gan.generator_loss(self.discriminate, x_g, labels, self.gan_sigma(x_g))
+            loss = loss + self.gan_g_weight * gan
+            logs["gan"] = gan.detach()
+        return loss, {**logs, "loss": loss.detach()}
+
+    def discriminator_loss(self, x_g, labels, batch):
+        real = batch[0]
+        return self.gan.discriminator_loss(self.discriminate, real, x_g.detach(), labels, self.gan_sigma(real),
+                                           self.gan_sigma(x_g))
 
     def fake_score_loss(self, x_g, labels, batch, step):
         loss, logs = super().fake_score_loss(x_g, labels, batch, step)
-        return self.with_gan_term("fake_score", loss, logs, x_g, labels, batch, step)
+        if self.gan is None or "discriminator" in self.networks:  # a separate discriminator trains in its own phase
+            return loss, logs
+        gan, gan_logs = self.discriminator_loss(x_g, labels, batch)
+        loss = loss + self.gan_d_weight * gan
+        return loss, {"dsm": logs["loss"], **{f"gan_{k}": v for k, v in gan_logs.items()}, "loss": loss.detach()}
+
+    def loss(self, role, batch, step):
+        if role != "discriminator":
+            return super().loss(role, batch, step)
+        labels = self.labels_of(batch)
+        with torch.no_grad():
+            x_g = self.generator_samples(batch[0], labels)
+        gan, logs = self.discriminator_loss(x_g, labels, batch)
+        return self.gan_d_weight * gan, logs
 
     def generate(self, z, nfe, cond=None):
         if not 1 <= nfe <= len(self.student_sigmas):
@@ -112,4 +184,5 @@ class DMD2(KarrasGridLevels, DistributionMatching):
 
     def optimizer_settings(self):
         adamw = {"optimizer": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.01, "grad_clip": 10.0}
-        return {"student": dict(adamw), "fake_score": {**adamw, "ema": False}}
+        critics = {role: {**adamw, "ema": False} for role in ("fake_score", "discriminator") if role in self.networks}
+        return {"student": dict(adamw), **critics}

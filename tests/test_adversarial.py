@@ -1,0 +1,175 @@
+"""The shared adversarial parts: GAN losses and R1 by hand, the conv and teacher_features discriminators, and DMD2's
+GAN term (its head on the fake score, or a separate discriminator role)."""
+import pytest
+import torch
+from torch import nn
+
+from models.denoiser import Denoiser
+from models.discriminators import ConvDiscriminator, TeacherFeatureDiscriminator, build_discriminator
+from models.mlp import MLP
+from models.unet import UNet
+from objectives.adversarial import GanTerm, approximate_r1, discriminator_loss, generator_loss, r1_penalty
+from objectives.dmd2 import DMD2, FakeScoreWithHead
+
+TINY_UNET = dict(model_channels=8, channel_mult=(1, 2), attn_resolutions=(), mid_attention=False)
+
+
+def tiny_teacher(label_dim=0, resolution=28):
+    return Denoiser(UNet(img_resolution=resolution, label_dim=label_dim, **TINY_UNET)).requires_grad_(False).eval()
+
+
+# -- losses by hand
+
+
+def test_hinge_and_non_saturating_losses_by_hand():
+    real, fake = torch.tensor([[2.0, 0.5], [-1.0, 0.0]]), torch.tensor([[-3.0, 0.2], [1.5, -0.5]])
+    # hinge D: mean relu(1 - real) = (0 + 0.5 + 2 + 1) / 4; mean relu(1 + fake) = (0 + 1.2 + 2.5 + 0.5) / 4
+    assert discriminator_loss("hinge", real, fake).item() == pytest.approx(3.5 / 4 + 4.2 / 4)
+    assert generator_loss("hinge", fake).item() == pytest.approx(-(-3.0 + 0.2 + 1.5 - 0.5) / 4)
+    softplus = lambda v: torch.log1p(torch.exp(torch.tensor(v))).item()
+    expected_d = sum(softplus(-r) for r in [2.0, 0.5, -1.0, 0.0]) / 4 + sum(softplus(f) for f in [-3.0, 0.2, 1.5, -0.5]) / 4
+    assert discriminator_loss("non_saturating", real, fake).item() == pytest.approx(expected_d, rel=1e-6)
+    assert generator_loss("non_saturating", fake).item() == pytest.approx(
+        sum(softplus(-f) for f in [-3.0, 0.2, 1.5, -0.5]) / 4, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown GAN loss 'wgan'; known: hinge, non_saturating"):
+        discriminator_loss("wgan", real, fake)
+
+
+def test_r1_is_the_squared_input_gradient_and_trains_the_discriminator():
+    """D(x) = sum_i a_i x_i^2 per sample: grad = 2 a x, so R1 = mean_b sum_i 4 a_i^2 x_bi^2; its gradient w.r.t. a is
+    mean_b sum_i 8 a_i x_bi^2 (the graph is kept: the penalty trains the discriminator)."""
+    a = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], requires_grad=True)
+    logits = (a * x**2).sum(1, keepdim=True)
+    r1 = r1_penalty(logits, x)
+    assert r1.item() == pytest.approx(((4 * a**2 * x**2).sum(1)).mean().item())
+    (grad_a,) = torch.autograd.grad(r1, a)
+    torch.testing.assert_close(grad_a, (8 * a * x**2).mean(0).detach())
+
+
+def test_approximate_r1_is_the_logit_change_under_small_noise():
+    disc = lambda x, sigma, labels: 3.0 * x.sum(1, keepdim=True)  # a linear D: the change is 3 * 0.1 * sum(n)
+    x = torch.zeros(4096, 2)
+    torch.manual_seed(0)
+    value = approximate_r1(disc, x, disc(x, None, None))
+    assert value.item() == pytest.approx(9 * 0.01 * 2, rel=0.05)  # E (0.3 (n1 + n2))^2 = 0.09 * 2
+
+
+def test_gan_term_adds_r1_on_real_samples_and_detaches_the_fakes():
+    torch.manual_seed(0)
+    term = GanTerm("test", MLP(dim=2), None, "conv", {"noise_conditional": False}, "hinge", r1_weight=2.0)
+    term.module.eval()  # spectral norm's power iteration would otherwise move the weights at every call
+    real, fake = torch.randn(16, 2), torch.randn(16, 2, requires_grad=True)
+    loss, logs = term.discriminator_loss(term.module, real, fake * 2)
+    loss.backward()
+    assert fake.grad is None and all(p.grad is not None for p in term.module.parameters() if p.requires_grad)
+    x = real.clone().requires_grad_(True)
+    expected_r1 = 0.5 * 2.0 * r1_penalty(term.module(x, None, None), x)
+    assert logs["r1"].item() == pytest.approx(expected_r1.item(), rel=1e-5)
+    assert logs["loss"].item() == pytest.approx(
+        discriminator_loss("hinge", term.module(real), term.module(fake * 2)).item() + expected_r1.item(), rel=1e-5)
+
+
+# -- discriminators
+
+
+@pytest.mark.parametrize("label_dim", [0, 10])
+def test_conv_discriminator_images_and_vectors(label_dim):
+    torch.manual_seed(0)
+    labels = torch.arange(4) % 10 if label_dim else None
+    disc = build_discriminator("conv", UNet(label_dim=label_dim, **TINY_UNET))
+    assert isinstance(disc, ConvDiscriminator) and disc.noise_conditional
+    logits = disc(torch.randn(4, 1, 28, 28), torch.rand(4) + 0.1, labels)
+    assert logits.shape == (4, 14 * 14) and logits.dtype == torch.float32
+    vector = build_discriminator("conv", MLP(dim=2, label_dim=label_dim), args={"noise_conditional": False})
+    assert vector(torch.randn(4, 2), None, labels).shape == (4, 1)
+    with pytest.raises(ValueError, match="needs sigma"):
+        disc(torch.randn(4, 1, 28, 28), None, labels)
+    with pytest.raises(ValueError, match=r"expects inputs of shape \[B, 1, 28, 28\]"):
+        disc(torch.randn(4, 3, 28, 28), torch.ones(4), labels)
+    if label_dim:
+        with pytest.raises(ValueError, match="needs class_labels"):
+            disc(torch.randn(4, 1, 28, 28), torch.ones(4))
+    else:
+        with pytest.raises(ValueError, match="unconditional discriminator"):
+            disc(torch.randn(4, 1, 28, 28), torch.ones(4), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("levels", ["bottleneck", "all"])
+def test_teacher_features_heads_train_and_the_teacher_never_changes(levels):
+    torch.manual_seed(0)
+    teacher = tiny_teacher(label_dim=10)
+    before = [p.clone() for p in teacher.parameters()]
+    disc = build_discriminator("teacher_features", UNet(label_dim=10, **TINY_UNET), teacher, {"levels": levels})
+    assert isinstance(disc, TeacherFeatureDiscriminator)
+    heads = [p for p in disc.parameters() if p.requires_grad]
+    assert heads and not any(p.requires_grad for p in teacher.parameters())
+    optimizer = torch.optim.Adam(heads, lr=1e-2)
+    x, labels = torch.randn(6, 1, 28, 28, requires_grad=True), torch.arange(6)
+    disc.train()
+    assert not teacher.training
+    logits = disc(x, torch.full((6,), 0.5), labels)
+    assert logits.shape == (6, 196 + (784 + 196 if levels == "all" else 0))  # 28x28 and 14x14 levels, 14x14 middle
+    discriminator_loss("hinge", logits[:3], logits[3:]).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the generator learns through it
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_discriminators_refuse_data_they_cannot_take():
+    with pytest.raises(ValueError, match="needs a trained denoiser teacher"):
+        build_discriminator("teacher_features", UNet(**TINY_UNET), None)
+    with pytest.raises(ValueError, match=r"cannot read this teacher on data of shape \[1, 32, 32\]"):
+        build_discriminator("teacher_features", UNet(img_resolution=32, **TINY_UNET), tiny_teacher())
+    with pytest.raises(ValueError, match="takes images; the data are vectors"):
+        build_discriminator("dino", MLP(dim=2))
+    with pytest.raises(ValueError, match="unknown discriminator 'nope'; known: conv, dino, teacher_features"):
+        build_discriminator("nope", MLP(dim=2))
+    with pytest.raises(ValueError, match="img_resolution come.* from the data"):
+        build_discriminator("conv", UNet(**TINY_UNET), args={"img_resolution": 32})
+    with pytest.raises(ValueError, match="r1_weight must be a number >= 0"):
+        GanTerm("add", MLP(dim=2), None, "conv", r1_weight=-1)
+
+
+# -- DMD2's GAN term
+
+
+def test_dmd2_gan_head_trains_with_the_fake_score_and_pushes_the_generator():
+    torch.manual_seed(0)
+    backbone = UNet(label_dim=10, **TINY_UNET)
+    dmd2 = DMD2(backbone, teacher=tiny_teacher(label_dim=10))
+    fake = dmd2.networks["fake_score"]
+    assert isinstance(fake, FakeScoreWithHead) and set(dmd2.networks) == {"student", "fake_score"} and dmd2.needs_data
+    x, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
+    torch.testing.assert_close(fake(x, torch.ones(4), labels), fake.denoiser(x, torch.ones(4), labels))
+    batch = (torch.randn(4, 1, 28, 28), labels)
+    loss, logs = dmd2.loss("fake_score", batch, 1)
+    assert {"dsm", "gan_d_real", "gan_d_fake", "loss"} <= set(logs)
+    assert loss.item() == pytest.approx(logs["dsm"].item() + 1e-2 * logs["gan_loss"].item(), rel=1e-5)
+    loss.backward()
+    encoder = fake.denoiser.backbone.enc_in.weight  # the head's loss reaches the fake score's encoder
+    assert encoder.grad is not None and fake.head.heads[0].net[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in dmd2.networks["student"].parameters())
+    fake.requires_grad_(False)  # the student's phase: the fake score is frozen but differentiable
+    loss, logs = dmd2.loss("student", batch, 0)
+    loss.backward()
+    assert loss.item() == pytest.approx(logs["dm"].item() + 3e-3 * logs["gan"].item(), rel=1e-5)
+    assert dmd2.networks["student"].backbone.enc_in.weight.grad.abs().sum() > 0
+
+
+def test_dmd2_with_a_separate_discriminator_and_the_no_gan_ablation():
+    teacher = tiny_teacher()
+    dmd2 = DMD2(UNet(**TINY_UNET), teacher=teacher, discriminator="teacher_features")
+    assert set(dmd2.networks) == {"student", "fake_score", "discriminator"}
+    assert dmd2.phases(0) == ["student", "fake_score", "discriminator"] and dmd2.phases(1) == ["fake_score",
+                                                                                               "discriminator"]
+    assert dmd2.optimizer_settings()["discriminator"]["ema"] is False
+    loss, logs = dmd2.loss("discriminator", (torch.randn(4, 1, 28, 28),), 1)
+    assert torch.isfinite(loss) and "d_real" in logs
+    plain = DMD2(UNet(**TINY_UNET), teacher=teacher, gan_g_weight=0)
+    assert set(plain.networks) == {"student", "fake_score"} and isinstance(plain.networks["fake_score"], Denoiser)
+    assert not plain.needs_data
+    with pytest.raises(ValueError, match="a GAN term .* needs a discriminator"):
+        DMD2(UNet(**TINY_UNET), teacher=teacher, discriminator="none")
+    with pytest.raises(ValueError, match="dmd2: unknown discriminator 'nope'"):
+        DMD2(UNet(**TINY_UNET), teacher=teacher, discriminator="nope")
