@@ -1,4 +1,5 @@
 """Training objectives, one file per method. OBJECTIVES is open: OBJECTIVES["mine"] = MyObjective."""
+from objectives.add import ADD
 from objectives.base import Objective, pick
 from objectives.boot import BOOT
 from objectives.cd import CD
@@ -17,6 +18,7 @@ from objectives.progressive import Progressive
 from objectives.reflow import Reflow
 from objectives.sid import SiD
 from objectives.tract import TRACT
+from objectives.ufogen import UFOGen
 
 OBJECTIVES = {
     "dsm": DSM,
@@ -35,6 +37,8 @@ OBJECTIVES = {
     "dmd2": DMD2,
     "sid": SiD,
     "diffratio": DiffRatio,
+    "add": ADD,
+    "ufogen": UFOGen,
     "guidance_distill": GuidanceDistill,
     "guidance_progressive": GuidanceProgressive,
 }

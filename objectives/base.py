@@ -200,6 +200,18 @@ def one_step_sample(denoiser, z, sigma_max, class_labels=None):
     return denoiser(sigma_max * z, z.new_full((z.shape[0],), sigma_max), class_labels)
 
 
+def renoising_chain(student, z, sigmas, labels=None):
+    """The few-step sampler of a generator that denoises from any level (DMD2's sampling and backward simulation,
+    ADD, UFOGen): x = s_0 z, then x = student(x, s_k) + s_{k+1} n_k with fresh noise n_k for k < K - 1. Returns
+    (x, s_{K-1}), the input of the last step: the sample is student(x, s_{K-1}), left to the caller so that it can
+    take that step on the graph (the steps here run under the caller's grad mode)."""
+    x = sigmas[0] * z
+    for sigma, sigma_next in zip(sigmas, sigmas[1:]):
+        x0_hat = student(x, z.new_full((z.shape[0],), float(sigma)), labels)
+        x = x0_hat + sigma_next * torch.randn_like(x0_hat)
+    return x, sigmas[-1]
+
+
 def time_generator_student(backbone, teacher, sigma_max, sigma_min):
     """A models.generator.TimeGenerator over `backbone` (BOOT's g, DSNO's operator), started from the teacher's
     weights when it has any (a trajectory backbone's extra layers, its TEACHER_FREE_PREFIXES, keep their init)."""

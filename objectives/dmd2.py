@@ -45,6 +45,7 @@ from torch import nn
 
 from models.discriminators import FeatureHeads, feature_levels, probe_features
 from objectives.adversarial import GanTerm
+from objectives.base import renoising_chain
 from objectives.distribution_matching import DistributionMatching, KarrasGridLevels
 
 
@@ -123,12 +124,7 @@ class DMD2(KarrasGridLevels, DistributionMatching):
     def denoising_chain(self, z, steps, labels):
         """(x, sigma) after `steps` steps of the multi-step sampler: x the input at student_sigmas[steps], x0 of each
         step re-noised with fresh noise; steps = 0 gives pure noise s_0 z. Called under no_grad by the caller."""
-        student, sigmas = self.networks["student"], self.student_sigmas
-        x = sigmas[0] * z
-        for k in range(steps):
-            x0_hat = student(x, z.new_full((z.shape[0],), sigmas[k]), labels)
-            x = x0_hat + sigmas[k + 1] * torch.randn_like(x0_hat)
-        return x, sigmas[steps]
+        return renoising_chain(self.networks["student"], z, self.student_sigmas[:steps + 1], labels)
 
     def generator_samples(self, like, labels):
         """Backward simulation: the generator's output at a step k drawn uniformly in 0..K-1, from an input made by

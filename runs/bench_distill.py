@@ -58,10 +58,13 @@ METHODS = {
     "tract": ("tract", "unet", lambda steps: ["objective.steps=[16,1]", f"objective.steps_per_phase={steps}"]),
     "diff_instruct": ("diff_instruct", "unet", lambda steps: []),
     "dmd": ("dmd", "unet", lambda steps: []),
-    "dmd2": ("dmd2", "unet", lambda steps: []),
+    "dmd2": ("dmd2", "unet", lambda steps: []),   # with its GAN term (the head on the fake score)
+    "dmd2_no_gan": ("dmd2", "unet", lambda steps: ["objective.gan_g_weight=0"]),  # the paper's TTUR-only ablation
     "sid": ("sid", "unet", lambda steps: []),
     "diffratio": ("diffratio", "unet", lambda steps: []),
     "diffratio_random": ("diffratio", "unet", lambda steps: ["objective.init=random"]),  # the paper's ablation
+    "add": ("add", "unet", lambda steps: []),        # adversarial: teacher_features discriminator (offline default)
+    "ufogen": ("ufogen", "unet", lambda steps: []),
 }
 MIXTURE_DATA = ["--data", "gmm", "data.dim=64", "data.components=8", "data.image_shape=[1,8,8]", "data.n=20000"]
 MIXTURE_NET = ["backbone.model_channels=32", "backbone.channel_mult=[1,2]", "backbone.num_blocks=1",
