@@ -71,6 +71,8 @@ class Objective:
     rollouts = None         # dict(solver, nfe, schedule, sigma_min, sigma_max, rho, save_sigmas, n): learns from
     rollout_sigmas = None   # teacher rollouts, saved at these sigmas [K]; batches are then (z, xs, labels)
     eval_nfe = None         # NFE of the loop's sample grids and quality report; None: train.sample_nfe
+    trained_steps = None    # set by the loop at the end of training: the steps actually trained (train.minutes may
+                            # stop a run before train.steps)
     learns_teacher_map = True  # a student trained to reproduce its teacher's ODE map z -> x0 (False: it matches the
                                # data distribution instead, e.g. DMD, SiD; its report compares distributions only)
 

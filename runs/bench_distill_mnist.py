@@ -90,7 +90,7 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
             if nfe == own_nfe:
                 save_image_grid(samples[:100], Path(out).with_name(f"{Path(out).name}_{method}.png"), nrow=10)
             add({"method": method, "nfe": nfe, **scores(samples), "images_per_sec": round(rate, 1),
-                 "train_steps": steps[method], "train_seconds": round(seconds, 1),
+                 "train_steps": objective.trained_steps, "train_seconds": round(seconds, 1),
                  "teacher_calls": objective.teacher_calls, "objective": dict(config["objective"])})
     return summary
 

@@ -49,6 +49,8 @@ class TrainSettings:
     log_every: int = 100
     ckpt_every: int = 500              # a checkpoint every this many steps ...
     ckpt_minutes: float = 5.0          # ... and every this many minutes of wall time (0: by step only)
+    minutes: float = 0.0               # a training-time budget: stop (and checkpoint) once this many minutes of
+                                       # training have passed, before train.steps if need be (0: no budget)
     sample_every: int = 2000           # PNG grid of samples; 0 disables
     sample_nfe: int = 35
     sample_grid: int = 64
@@ -74,6 +76,7 @@ TRAIN_RANGES = {
     "log_every": (lambda v: v >= 1, "an integer >= 1"),
     "ckpt_every": (lambda v: v >= 1, "an integer >= 1"),
     "ckpt_minutes": (lambda v: v >= 0, "a number >= 0 (0: by step only)"),
+    "minutes": (lambda v: v >= 0, "a number >= 0 (0: no time budget)"),
     "sample_every": (lambda v: v >= 0, "an integer >= 0 (0 disables)"),
     "sample_nfe": (lambda v: v >= 1, "an integer >= 1"),
     "sample_grid": (lambda v: v >= 1, "an integer >= 1"),

@@ -97,6 +97,17 @@ def accumulate(sums, key, value, weight=1.0):
     sums[key] = (total + value * weight, count + weight)
 
 
+def out_of_budget(elapsed_seconds, minutes, world, device):
+    """Whether train.minutes of training have passed; with several processes, as soon as any says so (one
+    all-reduce), so that all stop at the same step."""
+    flag = elapsed_seconds >= 60 * minutes
+    if world > 1:
+        flag = torch.tensor(int(flag), device=device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        flag = bool(flag)
+    return flag
+
+
 def all_finite(modules):
     """True where every parameter of `modules` is finite (one host sync)."""
     flags = [p.detach().isfinite().all() for m in modules for p in m.parameters()]
@@ -215,7 +226,9 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             step += 1
             progress.update(1)
 
-            checkpoint_now = (step % s.ckpt_every == 0 or step == s.steps
+            out_of_time = bool(s.minutes) and out_of_budget(elapsed_before + time.time() - start, s.minutes, world,
+                                                            device)
+            checkpoint_now = (step % s.ckpt_every == 0 or step == s.steps or out_of_time
                               or (s.ckpt_minutes and time.time() - last_checkpoint >= 60 * s.ckpt_minutes))
             if step % s.log_every == 0 or checkpoint_now:
                 bad = int(first_bad_step)  # the one host sync per log interval
@@ -251,7 +264,10 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
                     cond = {"class_labels": grid_labels.to(device)} if grid_labels is not None else None
                     images = objective.generate(grid_noise.to(device), objective.eval_nfe or s.sample_nfe, cond)
                 save_image_grid(images, run_dir / "samples" / f"step_{step:07d}.png")
+            if out_of_time:
+                break
         progress.close()
+        objective.trained_steps = step
         if main_process:
             losses = ", ".join(f"{k} {v:.4g}" for k, v in last_record.items() if k.endswith("loss"))
             print(f"trained {step} steps in {(elapsed_before + time.time() - start) / 60:.1f} min"

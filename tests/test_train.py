@@ -45,6 +45,23 @@ def test_resume_is_exact(tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 8))
 
 
+def test_time_budget_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+    """train.minutes stops the run at the first step boundary past the budget, checkpoints there, and a resume
+    continues exactly as a run never stopped. The loop's clock is faked: each reading advances one minute."""
+    import runs.train
+    straight = tmp_path / "straight"
+    train(config_for("train.steps=7"), straight)
+    clock = iter(range(0, 10**6, 60))
+    monkeypatch.setattr(runs.train.time, "time", lambda: float(next(clock)))
+    budget = tmp_path / "budget"
+    objective, _ = train(config_for("train.steps=7", "train.minutes=4", "train.ckpt_every=100"), budget)
+    monkeypatch.undo()
+    stopped_at = load_checkpoint(budget)["step"]
+    assert objective.trained_steps == stopped_at and 1 <= stopped_at < 7
+    train(make_config(parse_args(["--resume", str(budget), "train.minutes=0"]))[0], budget, resume=True)
+    assert_same_state(load_checkpoint(straight), load_checkpoint(budget))
+
+
 def test_resume_truncates_log_lines_written_after_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     train(config_for("train.steps=4"), run)  # checkpoint at 3 and 4, logs 1..4
