@@ -30,8 +30,8 @@ Choices where the paper is silent, unverified or ours differ:
 - sigma_t: uniform over a 1000-level Karras grid from sigma_min 0.002 to sigma_max 80 (rho 7), the VE counterpart of
   the paper's t uniform over the teacher's 1000 steps (distribution_matching.grid_sigma, all levels).
 - Discriminator inputs: clean x0 and x0_hat (the paper); a noise-conditional discriminator ("teacher_features",
-  "conv") sees both noised at GanTerm's lognormal levels. Default "teacher_features" (needs a network teacher; no
-  download), the paper's DINOv2 one is discriminator="dino". Projection conditioning on the class where the backbone
+  "conv") sees both noised at GanTerm's lognormal levels. Default "auto": "teacher_features" with a network teacher
+  (no download), "conv" with an analytic one; the paper's DINOv2 one is discriminator="dino". Projection conditioning on the class where the backbone
   is class-conditional (the paper conditions on text and an image embedding instead).
 - R1: gamma = r1_weight = 1e-5 by default (the paper's gamma is unverified; a small value), exact, w.r.t. the
   discriminator's input (the paper: each head's input features), on real samples only; hinge loss by default.
@@ -64,7 +64,7 @@ class ADD(Objective):
     learns_teacher_map = False
 
     def __init__(self, backbone, teacher=None, student_sigmas=(80.0, 10.0, 2.0, 0.5), distill_weight=2.5,
-                 discriminator="teacher_features", disc_args=None, gan_loss="hinge", r1_weight=1e-5,
+                 discriminator="auto", disc_args=None, gan_loss="hinge", r1_weight=1e-5,
                  r1_kind="exact", sigma_min=0.002, sigma_max=80.0, rho=7.0):
         super().__init__()
         if teacher is None:

@@ -79,8 +79,9 @@ class GanTerm:
     and the two losses. The discriminator is always called as the objective's `networks["discriminator"]`, passed in
     at call time, so the loop's wrappers and phases apply.
 
-    discriminator  a models.discriminators name: "teacher_features" (the offline default), "conv", "dino"; or a
-                   module the objective built (it must follow the discriminator contract)
+    discriminator  a models.discriminators name: "teacher_features" (the offline default), "conv", "dino"; "auto"
+                   (teacher_features with a network teacher, conv with an analytic one); or a module the objective
+                   built (it must follow the discriminator contract)
     disc_args      that discriminator's own settings (dict), e.g. {"channels": 64} or {"weights": "/path/dino.pth"}
     gan_loss       "hinge" or "non_saturating"
     r1_weight      gamma >= 0 of the R1 penalty (0: none); r1_kind "exact" or "approximate"
@@ -97,6 +98,8 @@ class GanTerm:
             raise ValueError(f"{method}: disc_args must be a mapping of the discriminator's settings, e.g. "
                              f"{{channels: 64}}; got {disc_args!r}")
         self.r1_weight = float(r1_weight)
+        if discriminator == "auto":  # the offline default: the teacher's features where it has a network
+            discriminator = "teacher_features" if hasattr(teacher, "features") else "conv"
         if isinstance(discriminator, torch.nn.Module):  # built by the objective (dmd2's head on its fake score)
             self.module = discriminator
         else:

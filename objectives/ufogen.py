@@ -19,7 +19,7 @@ on an ascending Karras grid of `levels` noise levels (sigma_min .. sigma_max, rh
 
 Roles: "student" G, a Denoiser over the backbone with the teacher's weights and preconditioning (UFOGen starts
 G from the pre-trained diffusion model); "discriminator" D_phi(x_{t-1}, t), objectives.adversarial.GanTerm's module,
-by default "teacher_features": trainable heads on the frozen teacher's encoder at the input's noise level (UFOGen
+by default ("auto") "teacher_features" (with an analytic teacher, which has no network: "conv"): trainable heads on the frozen teacher's encoder at the input's noise level (UFOGen
 starts D from the diffusion model too; the DiT code copies the whole teacher into D and zero-initialises its last
 layer, where ours freezes the teacher and trains heads). The teacher has no other use. Data: real x0 (batch[0]);
 class-conditional where the backbone is (labels batch[-1]; cond["class_labels"] when sampling).
@@ -79,7 +79,7 @@ class UFOGen(Objective):
     learns_teacher_map = False
 
     def __init__(self, backbone, teacher=None, num_levels=4, levels=1000, recon_weight=1.0, recon_weighting="snr",
-                 discriminator="teacher_features", disc_args=None, gan_loss="non_saturating", r1_weight=0.0,
+                 discriminator="auto", disc_args=None, gan_loss="non_saturating", r1_weight=0.0,
                  r1_kind="exact", sigma_min=0.002, sigma_max=80.0, rho=7.0):
         super().__init__()
         if teacher is None:

@@ -173,3 +173,25 @@ def test_dmd2_with_a_separate_discriminator_and_the_no_gan_ablation():
         DMD2(UNet(**TINY_UNET), teacher=teacher, discriminator="none")
     with pytest.raises(ValueError, match="dmd2: unknown discriminator 'nope'"):
         DMD2(UNet(**TINY_UNET), teacher=teacher, discriminator="nope")
+
+
+def test_bad_adversarial_settings_exit_2_with_one_line(run_cli, tmp_path):
+    image = ["--backbone", "unet", "--data", "gmm", "data.dim=64", "data.image_shape=[1,8,8]", "data.n=256",
+             "backbone.model_channels=8", "backbone.channel_mult=[1,2]", "backbone.attn_resolutions=[]",
+             "--out", tmp_path / "run"]
+    cases = {  # settings: what the one line says
+        ("--objective", "add", *image, "objective.discriminator=dino"):
+            "no weights for vit_small_patch16_224.dino found offline",
+        ("--objective", "add", "--backbone", "mlp", "--data", "gmm", "objective.discriminator=dino"):
+            "takes images; the data are vectors",
+        ("--objective", "ufogen", *image, "objective.discriminator=teacher_features"):
+            "needs a trained denoiser teacher",
+        ("--objective", "dmd2", *image, "objective.discriminator=none"): "needs a discriminator",
+        ("--objective", "add", *image, "objective.disc_args={img_resolution: 16}"): "come(s) from the data",
+    }
+    empty_hub = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "FASTDIFF_DINO": ""}
+    for args, message in cases.items():
+        result = run_cli("runs.train", *args, env=empty_hub)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "run").exists()

@@ -47,6 +47,8 @@ OBJECTIVES = {  # name: (flags, overrides, learns from rollouts)
     "dmd2": (["--backbone", "mlp", "--objective", "dmd2"], VECTOR, False),
     "sid": (["--backbone", "mlp", "--objective", "sid"], VECTOR, False),
     "diffratio": (["--backbone", "mlp", "--objective", "diffratio"], VECTOR, False),
+    "add": (["--backbone", "mlp", "--objective", "add"], VECTOR, False),        # discriminator auto: conv here
+    "ufogen": (["--backbone", "mlp", "--objective", "ufogen"], VECTOR, False),
     # heun at NFE 7 is a grid of 4 steps: room for dsno's default K = 4 saved states
     "dsno": (["--backbone", "fno", "--objective", "dsno", "--data", "gmm"],
              IMAGE + ["objective.n=256", "objective.nfe=7"], True),
@@ -200,6 +202,23 @@ def test_student_starts_from_the_teachers_weights(teachers, tmp_path):
     assert not all(torch.equal(teacher_state["ema"]["denoiser"][k], v)
                    for k, v in teacher_state["networks"]["denoiser"].items())  # EMA != raw: the check can tell
     assert_same_tensors(student_state["networks"]["student"], teacher_state["ema"]["denoiser"], "kd student")
+
+
+@pytest.mark.parametrize("name", ["add", "ufogen", "dmd2"])
+def test_adversarial_students_of_a_unet_teacher_judge_with_its_features(teachers, tmp_path, name):
+    """From a trained U-Net teacher the adversarial objectives train end to end on images with the offline default
+    discriminator: heads on the frozen teacher's features (dmd2: on its fake score's), the teacher never changing."""
+    from models.discriminators import TeacherFeatureDiscriminator
+    from objectives.dmd2 import FakeScoreWithHead
+    config = config_of(["--backbone", "unet", "--objective", name, "--teacher", teachers["U"]],
+                       [o for o in STUDENT if not o.startswith("objective.")] + ["train.steps=3"])
+    objective, _ = train(config, tmp_path / name)
+    critic = objective.networks["fake_score" if name == "dmd2" else "discriminator"]
+    assert isinstance(critic, FakeScoreWithHead if name == "dmd2" else TeacherFeatureDiscriminator)
+    assert_same_tensors(objective.teacher.state_dict(), load_teacher(config["teacher"], None, False,
+                                                                     torch.device("cpu"))[0].state_dict(), "teacher")
+    with torch.no_grad():
+        assert torch.isfinite(objective.generate(torch.randn(4, 1, 8, 8), 1)).all()
 
 
 def test_fno_student_takes_a_unet_teachers_weights(teachers):
