@@ -13,10 +13,10 @@ from models.unet import UNet
 from objectives import OBJECTIVES
 from objectives.add import ADD
 from objectives.distribution_matching import karras_sigma
-import runs.train
 from runs.build import build_objective
 from runs.teacher import load_teacher
 from runs.train import make_config, parse_args, train
+from tests.roles import assert_roles_change_only_in_their_phases, train_recording_roles
 from tests.test_distribution_matching import RUN, Recorder, generator_sw, mlp_teacher
 
 CLEAN_CONV = "objective.disc_args={noise_conditional: false}"  # the paper's discriminator judges clean images
@@ -34,45 +34,15 @@ def one_line(error):
 # -- 1. roles, phases, the frozen teacher
 
 
-def snapshot(objective):
-    return {role: [p.detach().clone() for p in net.parameters()] for role, net in objective.networks.items()}
-
-
-def changed(before, after):
-    return sorted(role for role in before if any(not torch.equal(a, b) for a, b in zip(before[role], after[role])))
-
 
 def test_each_role_changes_and_gets_gradients_only_in_its_phase_and_the_teacher_never(tmp_path, monkeypatch):
     """Through runs.train on the mixture, a network teacher and the conv discriminator: each role's weights change
     only at its own optimiser step, only its parameters receive gradients in its phase, the teacher never changes."""
-    teacher = mlp_teacher(32)
-    frozen = [p.detach().clone() for p in teacher.parameters()]
-    snapshots, gradients, phase = [], [], []
-
-    def build(config, **injected):  # hooks on every trainable parameter: (phase being trained, role of the parameter)
-        objective = build_objective(config, **injected)
-        for role, net in objective.networks.items():
-            for p in net.parameters():
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(lambda p, role=role: gradients.append((phase[-1], role)))
-        return objective
-
-    loss, after_step = ADD.loss, ADD.after_step
-    monkeypatch.setattr(runs.train, "build_objective", build)
-    monkeypatch.setattr(ADD, "loss", lambda self, role, *args: phase.append(role) or loss(self, role, *args))
-    monkeypatch.setattr(ADD, "after_step", lambda self, role, step: snapshots.append((role, snapshot(self)))
-                        or after_step(self, role, step))
-    config, dataset = make_config(parse_args(["--backbone", "mlp", "--objective", "add", "--data", "gmm", *RUN,
-                                              "objective.discriminator=conv", "train.steps=3", "train.warmup_steps=0",
-                                              "train.ckpt_every=3", "train.log_every=1"]))
-    objective, _ = train(config, tmp_path / "run", teacher=teacher, dataset=dataset)
+    objective, config, teacher, frozen, snapshots, gradients = train_recording_roles(
+        monkeypatch, tmp_path / "run", ADD, "add", extra=["objective.discriminator=conv"])
     assert [role for role, _ in snapshots] == ["discriminator", "student"] * 3
-    for (_, before), (role, after) in zip(snapshots, snapshots[1:]):
-        assert changed(before, after) == [role]
-    assert gradients and all(phase == role for phase, role in gradients)
-    assert {role for _, role in gradients} == {"discriminator", "student"}
-    assert objective.teacher is teacher and all(p.grad is None for p in teacher.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters()))
+    assert_roles_change_only_in_their_phases(objective, teacher, frozen, snapshots, gradients,
+                                             ["discriminator", "student"])
     settings = config["optim"]
     assert settings["discriminator"]["ema"] is False and tuple(settings["discriminator"]["betas"]) == (0.0, 0.99)
     assert tuple(settings["student"]["betas"]) == (0.0, 0.99)
@@ -188,51 +158,6 @@ def unet_teacher(label_dim=0):
     return Denoiser(UNet(label_dim=label_dim, **UNET), "edm", 0.5).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("disc", ["dino", "teacher_features"])
-def test_mnist_end_to_end(tmp_path, monkeypatch, disc):
-    """Four steps through runs.train on 64 MNIST digits (class-conditional for teacher_features) with a random-weight
-    tiny U-Net teacher: losses are logged for both roles, the discriminator's heads train while its frozen feature
-    network (the ViT, or the teacher) does not, and the student samples in one and two steps."""
-    if disc == "dino":
-        pytest.importorskip("models.dino")
-        pytest.importorskip("timm")
-        extra = ["objective.discriminator=dino",
-                 "objective.disc_args={weights: random, model: vit_tiny_patch16_224, img_size: 32}"]
-    else:
-        extra = ["objective.discriminator=teacher_features", "train.conditional=true"]
-    conditional = disc == "teacher_features"
-    teacher = unet_teacher(10 if conditional else 0)
-    built = {}
-
-    def build(config, **injected):
-        objective = build_objective(config, **injected)
-        built.update((name, (p.requires_grad, p.detach().clone()))
-                     for name, p in objective.networks["discriminator"].named_parameters())
-        return objective
-
-    monkeypatch.setattr(runs.train, "build_objective", build)
-    config, dataset = make_config(parse_args(["--backbone", "unet", "--objective", "add", "--data", "mnist",
-                                              "data.limit=64", *UNET_FLAGS, *extra, "train.steps=4",
-                                              "train.batch_size=8", "train.ckpt_every=4", "train.log_every=1",
-                                              "train.device=cpu", "train.sample_every=0", "train.ckpt_minutes=0",
-                                              "train.warmup_steps=0", "teacher.eval_n=0"]))
-    objective, _ = train(config, tmp_path / "run", teacher=teacher, dataset=dataset)
-    assert objective.conditional == conditional and objective.initialised_from_teacher
-    after = dict(objective.networks["discriminator"].named_parameters())
-    frozen = {name for name, (trainable, _) in built.items() if not trainable}
-    assert frozen and all(name.startswith("vit." if disc == "dino" else "teacher.") for name in frozen)
-    assert all(torch.equal(built[name][1], after[name]) for name in frozen)
-    assert any(not torch.equal(value, after[name]) for name, (trainable, value) in built.items() if trainable)
-    z = torch.randn(2, 1, 28, 28)
-    cond = {"class_labels": torch.tensor([3, 7])} if conditional else None
-    with torch.no_grad():
-        for nfe in (1, 2):
-            samples = objective.generate(z, nfe, cond)
-            assert samples.shape == (2, 1, 28, 28) and torch.isfinite(samples).all()
-    log = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert "discriminator/r1" in log and "student/distill" in log and "student/adversarial" in log
-
-
 # -- 5. bad settings
 
 
@@ -257,8 +182,10 @@ def test_bad_settings_are_one_line_errors():
     one_line(error)
     data = GaussianMixtureData(dim=2, n=64)
     with pytest.raises(ValueError, match="add: the teacher_features discriminator needs a trained denoiser") as error:
-        ADD(backbone, teacher=GaussianMixtureDenoiser.from_data(data))  # the default discriminator, analytic teacher
+        ADD(backbone, teacher=GaussianMixtureDenoiser.from_data(data), discriminator="teacher_features")
     one_line(error)
+    from models.discriminators import ConvDiscriminator  # the default, auto, takes conv for an analytic teacher
+    assert isinstance(ADD(backbone, teacher=GaussianMixtureDenoiser.from_data(data)).gan.module, ConvDiscriminator)
     with pytest.raises(ValueError, match="unknown add gan_loss 'wgan'; known: hinge, non_saturating") as error:
         ADD(backbone, teacher=teacher, discriminator="conv", gan_loss="wgan")
     one_line(error)

@@ -2,7 +2,6 @@
 GAN term (its head on the fake score, or a separate discriminator role)."""
 import pytest
 import torch
-from torch import nn
 
 from models.denoiser import Denoiser
 from models.discriminators import ConvDiscriminator, TeacherFeatureDiscriminator, build_discriminator
@@ -195,3 +194,55 @@ def test_bad_adversarial_settings_exit_2_with_one_line(run_cli, tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "run").exists()
+
+
+# -- every adversarial objective end to end on MNIST-size images
+
+SMALL_DINO = "objective.disc_args={weights: random, model: test_vit, img_size: 32, taps: [1, 3, 5]}"
+LOGGED = {"add": ["student/adversarial", "student/distill"], "ufogen": ["student/adversarial",
+                                                                       "student/reconstruction"],
+          "dmd2": ["student/gan", "fake_score/loss"]}
+
+
+@pytest.mark.parametrize("disc", ["teacher_features", "dino"])
+@pytest.mark.parametrize("name", ["add", "ufogen", "dmd2"])
+def test_mnist_end_to_end(tmp_path, monkeypatch, name, disc):
+    """Four steps through runs.train on 64 MNIST digits (class-conditional with teacher_features) from a random-weight
+    tiny U-Net teacher: every role's loss is logged, the discriminator's heads train while its frozen feature network
+    (the teacher, or a random-weight ViT) does not, and the student samples in one step."""
+    import runs.train
+    from runs.build import build_objective
+    from runs.train import make_config, parse_args, train
+    conditional = disc == "teacher_features"
+    extra = ["objective.discriminator=teacher_features", "train.conditional=true"] if conditional else \
+        ["objective.discriminator=dino", SMALL_DINO]
+    torch.manual_seed(1)
+    teacher = tiny_teacher(10 if conditional else 0)
+    built = {}
+
+    def build(config, **injected):
+        objective = build_objective(config, **injected)
+        built.update((key, (p.requires_grad, p.detach().clone()))
+                     for key, p in objective.networks["discriminator"].named_parameters())
+        return objective
+
+    monkeypatch.setattr(runs.train, "build_objective", build)
+    unet = ["backbone.model_channels=8", "backbone.channel_mult=[1,2]", "backbone.attn_resolutions=[]",
+            "backbone.mid_attention=false"]
+    config, dataset = make_config(parse_args(["--backbone", "unet", "--objective", name, "--data", "mnist",
+                                              "data.limit=64", *unet, *extra, "train.steps=4", "train.batch_size=8",
+                                              "train.ckpt_every=4", "train.log_every=1", "train.device=cpu",
+                                              "train.sample_every=0", "train.ckpt_minutes=0", "train.warmup_steps=0",
+                                              "teacher.eval_n=0"]))
+    objective, _ = train(config, tmp_path / "run", teacher=teacher, dataset=dataset)
+    after = dict(objective.networks["discriminator"].named_parameters())
+    frozen = {key for key, (trainable, _) in built.items() if not trainable}
+    assert frozen and all(key.startswith("teacher." if conditional else "vit.") for key in frozen)
+    assert all(torch.equal(built[key][1], after[key]) for key in frozen)
+    assert any(not torch.equal(value, after[key]) for key, (trainable, value) in built.items() if trainable)
+    with torch.no_grad():
+        samples = objective.generate(torch.randn(2, 1, 28, 28), 1,
+                                     {"class_labels": torch.tensor([3, 7])} if conditional else None)
+    assert samples.shape == (2, 1, 28, 28) and torch.isfinite(samples).all()
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert all(key in log for key in ["discriminator/d_real", *LOGGED[name]]), log[-400:]

@@ -7,6 +7,7 @@ import torch
 from objectives import OBJECTIVES
 from runs.checkpoint import load_checkpoint
 from runs.train import main, make_config, parse_args, train
+from tests.roles import changed, snapshot
 from tests.test_train import assert_same_state
 from tests.two_roles import TwoRoles
 
@@ -23,13 +24,6 @@ def registered(monkeypatch):
 def config_for(*extra):
     return make_config(parse_args(TOY + list(extra)))[0]
 
-
-def snapshot(objective):
-    return {role: [p.detach().clone() for p in net.parameters()] for role, net in objective.networks.items()}
-
-
-def changed(before, after):
-    return sorted(role for role in before if any(not torch.equal(a, b) for a, b in zip(before[role], after[role])))
 
 
 def test_each_role_changes_and_gets_gradients_only_in_its_phases(tmp_path, monkeypatch):
