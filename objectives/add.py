@@ -31,8 +31,9 @@ Choices where the paper is silent, unverified or ours differ:
   the paper's t uniform over the teacher's 1000 steps (distribution_matching.grid_sigma, all levels).
 - Discriminator inputs: clean x0 and x0_hat (the paper); a noise-conditional discriminator ("teacher_features",
   "conv") sees both noised at GanTerm's lognormal levels. Default "auto": "teacher_features" with a network teacher
-  (no download), "conv" with an analytic one; the paper's DINOv2 one is discriminator="dino". Projection conditioning on the class where the backbone
-  is class-conditional (the paper conditions on text and an image embedding instead).
+  (no download), "conv" with an analytic one; the paper's DINOv2 one is discriminator="dino". Projection
+  conditioning on the class where the backbone is class-conditional (the paper conditions on text and an image
+  embedding instead).
 - R1: gamma = r1_weight = 1e-5 by default (the paper's gamma is unverified; a small value), exact, w.r.t. the
   discriminator's input (the paper: each head's input features), on real samples only; hinge loss by default.
 - Phases: ["discriminator", "student"] every step (one update each): the discriminator first, on detached samples of

@@ -20,8 +20,9 @@ on an ascending Karras grid of `levels` noise levels (sigma_min .. sigma_max, rh
 Roles: "student" G, a Denoiser over the backbone with the teacher's weights and preconditioning (UFOGen starts
 G from the pre-trained diffusion model); "discriminator" D_phi(x_{t-1}, t), objectives.adversarial.GanTerm's module,
 by default ("auto") "teacher_features" (with an analytic teacher, which has no network: "conv"): trainable heads on
-the frozen teacher's encoder at the input's noise level (UFOGen starts D from the diffusion model too; the DiT code copies the whole teacher into D and zero-initialises its last
-layer, where ours freezes the teacher and trains heads). The teacher has no other use. Data: real x0 (batch[0]);
+the frozen teacher's encoder at the input's noise level (UFOGen starts D from the diffusion model too; the DiT
+code copies the whole teacher into D and zero-initialises its last layer, where ours freezes the teacher and trains
+heads). The teacher has no other use. Data: real x0 (batch[0]);
 class-conditional where the backbone is (labels batch[-1]; cond["class_labels"] when sampling).
 
 Choices, and what is confirmed (C: the DiT code by the first author; P: the paper, as the fact sheet states it) or
