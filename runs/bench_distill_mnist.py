@@ -96,7 +96,7 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
 
 
 def markdown(s, stem):
-    lines = [f"# Trajectory distillation on MNIST (teacher {s['teacher']})", "",
+    lines = [f"# One- and few-step students on MNIST (teacher {s['teacher']})", "",
              f"MNIST-FID of {s['n']} samples against the same {s['n']} real digits for every row (lower is better); "
              f"students trained from the teacher (rollouts: {s['trajectories']}; extra settings: "
              f"{s['settings'] or 'none'}). "
