@@ -143,7 +143,7 @@ def test_batch_order_is_a_function_of_the_step_and_splits_across_ranks():
 
 @pytest.mark.parametrize("args, message", [
     (["--backbone", "resnet"], "unknown backbone 'resnet'; known: " + ", ".join(sorted(BACKBONES))),
-    (["--objective", "gan"], "unknown objective 'gan'; known: boot, cd, ct, "),
+    (["--objective", "gan"], "unknown objective 'gan'; known: add, boot, cd, ct, "),
     (["backbone.chanels=3"], "takes no argument"),
     (["train.stepz=3"], "train takes no setting"),
     (["objective.parameterisation=score"], "unknown parameterisation"),
