@@ -166,14 +166,16 @@ class TeacherFeatureDiscriminator(nn.Module):
     LADD (Sauer et al. 2024) with a diffusion teacher as the feature network, and the form of DMD2's GAN head
     (FastGen's dmd2 puts its heads on the frozen teacher in this way).
 
-    `levels`: "bottleneck" (the middle blocks' output only, as DMD2) or "all" (every resolution level and the
-    bottleneck). Inputs are noised images at sigma (noise_conditional): an objective with clean images noises them
+    `levels`: "all" (every resolution level and the bottleneck, LADD's multi-scale heads; the default) or
+    "bottleneck" (the middle blocks' output only, as DMD2's head). Telling the shipped MNIST teacher's one-step
+    samples from real digits (batch 32, Adam (0, 0.99) at lr 1e-3, hinge), "all" reached a loss of 0.72 in 50 steps,
+    "bottleneck" 1.75 (2.0 is chance). Inputs are noised images at sigma (noise_conditional): an objective with clean images noises them
     first (LADD: real and generated alike). The teacher is a registered but frozen submodule (its weights are saved
     with the discriminator's state)."""
 
     noise_conditional = True
 
-    def __init__(self, teacher, in_channels=1, img_resolution=28, dim=0, label_dim=0, levels="bottleneck", width=64,
+    def __init__(self, teacher, in_channels=1, img_resolution=28, dim=0, label_dim=0, levels="all", width=64,
                  cmap_dim=32):
         super().__init__()
         if not isinstance(teacher, nn.Module) or not hasattr(teacher, "features"):
