@@ -10,6 +10,10 @@ def label_rows(class_labels, batch, label_dim, device, label_dropout=0.0, traini
     if class_labels is None:
         labels = torch.zeros(batch, label_dim, device=device)
     elif class_labels.dtype in (torch.int64, torch.int32) and class_labels.shape == (batch,):
+        # checked where it costs no device sync and no graph break (eager CPU); entry points check ids too
+        checkable = batch and not class_labels.is_cuda and not torch.compiler.is_compiling()
+        if checkable and not bool(((class_labels >= 0) & (class_labels < label_dim)).all()):
+            raise ValueError(f"class ids must lie in 0..{label_dim - 1}; got {sorted(set(class_labels.tolist()))[:8]}")
         labels = F.one_hot(class_labels.long(), label_dim).float()
     elif class_labels.is_floating_point() and class_labels.shape == (batch, label_dim):
         labels = class_labels.float()
