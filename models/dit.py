@@ -78,6 +78,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
+from models.unet import GUIDANCE_MAX_POSITIONS, check_guidance_dim, guidance_weights
+
 try:
     import xformers.ops as xformers_ops
 except Exception:  # not installed, or built for another torch / CUDA
@@ -374,7 +376,24 @@ class DiT(nn.Module):
         self.label_embed = LabelEmbedding(label_dim, hidden_size, label_dropout) if label_dim else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size, out_channels)
+        self.guidance_dim = 0  # add_guidance_embedding sets it
         self.initialize()
+
+    GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
+
+    def add_guidance_embedding(self, dim):
+        """A guidance-weight input for guidance distillation (Meng et al. 2023; objectives/guidance_distill.py), as
+        the U-Net's: forward(..., guidance=w), w [B], embedded like the noise level (`dim` sinusoidal channels, lowest
+        frequency 1/GUIDANCE_MAX_POSITIONS, then Linear-SiLU-Linear) and added to the conditioning c. Its last layer
+        starts at zero, so a net started from a teacher's weights computes exactly the teacher for every w. Such a
+        net requires `guidance`; others refuse it. Returns self."""
+        self.guidance_dim = check_guidance_dim(dim, self.guidance_dim)
+        like = self.patch_embed.proj.weight
+        self.guidance_embed = NoiseEmbedding(self.hidden_size, frequency_dim=self.guidance_dim,
+                                             max_period=GUIDANCE_MAX_POSITIONS).to(like.device, like.dtype)
+        nn.init.zeros_(self.guidance_embed.mlp[-1].weight)
+        nn.init.zeros_(self.guidance_embed.mlp[-1].bias)
+        return self
 
     def initialize(self):
         """The reference initialisation (module docstring): Xavier Linear layers, N(0, 0.02^2) embeddings, and the
@@ -419,6 +438,7 @@ class DiT(nn.Module):
         return tokens.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
+        guidance = extra.pop("guidance", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
         if noise_labels.ndim == 0:
@@ -429,6 +449,8 @@ class DiT(nn.Module):
         c = self.noise_embed(noise_labels)                       # [B, d]
         if self.label_embed is not None:
             c = c + self.label_embed(class_labels, batch, x.device)
+        if self.guidance_dim or guidance is not None:
+            c = c + self.guidance_embed(guidance_weights(guidance, batch, x.device, "DiT", self.guidance_dim))
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final(h, c)).to(x.dtype)

@@ -16,8 +16,8 @@ teacher call on a batch of 2B (GuidedDenoiser.predictions, whose null-label hand
 The student. D_eta(x, sigma, c, w) is the teacher's network with one more input, w: a sinusoidal embedding of w
 through a zero-initialised projection added to the noise embedding (the paper: "a Fourier embedding of w added to
 the time-step embedding"), `guidance_dim` sinusoidal channels (default 64). The objective adds it to the student
-backbone at construction (`add_guidance_embedding` of models/unet.py and models/mlp.py; the backbone's own settings
-stay the teacher's, and a reloaded run rebuilds the same layers before its weights load). It starts from the
+backbone at construction (`add_guidance_embedding` of models/unet.py, models/mlp.py and models/dit.py; the
+backbone's own settings stay the teacher's, and a reloaded run rebuilds the same layers before its weights load). It starts from the
 teacher's weights (init_from_teacher; only the guidance embedding keeps its init), so at step 0 it is exactly the
 teacher's CONDITIONAL model for every w. Stage one's loss:
 
@@ -144,7 +144,7 @@ class GuidanceDistill(Objective):
         if student_labels != label_dim:
             raise ValueError(f"guidance_distill: the student takes {student_labels} classes, the teacher {label_dim}")
         if getattr(backbone, "outputs_trajectory", False) or not hasattr(backbone, "add_guidance_embedding"):
-            raise ValueError(f"guidance_distill needs a denoiser backbone that can take a guidance weight (unet, mlp); "
+            raise ValueError(f"guidance_distill needs a denoiser backbone that can take a guidance weight (unet, mlp, dit); "
                              f"{type(backbone).__name__} cannot")
         check_w_range("guidance_distill", w_min, w_max, sample_w)
         if not (isinstance(eval_nfe, int) and not isinstance(eval_nfe, bool) and eval_nfe >= 1):

@@ -79,19 +79,21 @@ def test_loss_is_edm_weighted_mse_to_the_guided_teacher():
     assert obj.networks["student"].backbone.guidance_embed[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["mlp", "unet"])
+@pytest.mark.parametrize("kind", ["mlp", "unet", "dit"])
 def test_zero_initialised_guidance_embedding_starts_as_the_teachers_conditional_model(kind):
     torch.manual_seed(0)
     if kind == "mlp":
         teacher = trained_like_teacher()
         backbone, x = student_mlp(), torch.randn(5, 2)
     else:
-        unet = dict(label_dim=K, model_channels=8, channel_mult=(1, 2), attn_resolutions=(14,))
-        teacher = Denoiser(UNet(**unet, label_dropout=0.1))
+        from models.dit import DiT
+        net, unet = (DiT, dict(label_dim=K, patch_size=4)) if kind == "dit" else \
+            (UNet, dict(label_dim=K, model_channels=8, channel_mult=(1, 2), attn_resolutions=(14,)))
+        teacher = Denoiser(net(**unet, label_dropout=0.1))
         for p in teacher.parameters():
             p.data.normal_(0, 0.1)
         teacher.requires_grad_(False).eval()
-        backbone, x = UNet(**unet), torch.randn(5, 1, 28, 28)
+        backbone, x = net(**unet), torch.randn(5, 1, 28, 28)
     obj = GuidanceDistill(backbone, teacher, guidance_dim=8)
     assert obj.initialised_from_teacher
     student = obj.networks["student"].eval()
@@ -136,7 +138,7 @@ def test_construction_errors_are_one_line():
     assert dropping.label_dropout == 0
     linear = torch.nn.Linear(2, 2)
     linear.label_dim = K
-    cases = [(dict(backbone=linear), "guidance weight \\(unet, mlp\\); Linear cannot"),
+    cases = [(dict(backbone=linear), "guidance weight \\(unet, mlp, dit\\); Linear cannot"),
              (dict(backbone=MLP(dim=2, hidden=16)), "train.conditional=true"),
              (dict(backbone=student_mlp(), w_min=3.0, w_max=1.0), "w_min < w_max"),
              (dict(backbone=student_mlp(), sample_w=-1.0), "sample_w"),
