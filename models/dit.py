@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
+from models.noise import noise_label_batch
 from models.unet import GUIDANCE_MAX_POSITIONS, check_guidance_dim, guidance_weights
 
 try:
@@ -441,10 +442,7 @@ class DiT(nn.Module):
         guidance = extra.pop("guidance", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
-        if noise_labels.ndim == 0:
-            noise_labels = noise_labels.expand(batch)
-        if noise_labels.shape != (batch,):
-            raise ValueError(f"noise_labels must have shape [{batch}]; got {list(noise_labels.shape)}")
+        noise_labels = noise_label_batch(noise_labels, batch)
         h = self.patch_embed(x) + self.pos_embed                 # [B, T, d]
         c = self.noise_embed(noise_labels)                       # [B, d]
         if self.label_embed is not None:

@@ -58,6 +58,15 @@ def sigma_batch(sigma, x):
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
+def noise_label_batch(noise_labels, batch):
+    """A backbone's noise labels as [B]: a 0-dim label is broadcast; any other shape is a one-line ValueError."""
+    if noise_labels.ndim == 0:
+        noise_labels = noise_labels.expand(batch)
+    if noise_labels.shape != (batch,):
+        raise ValueError(f"noise_labels must have shape [{batch}]; got {list(noise_labels.shape)}")
+    return noise_labels
+
+
 def edm_log_noise_label(sigma):
     """EDM's noise conditioning c_noise = ln(sigma) / 4."""
     return sigma.log() / 4

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.labels import label_rows
+from models.noise import noise_label_batch
 
 try:
     import xformers.ops as xformers_ops
@@ -355,10 +356,7 @@ class UNet(nn.Module):
         guidance = extra.pop("guidance", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
-        if noise_labels.ndim == 0:
-            noise_labels = noise_labels.expand(batch)
-        if noise_labels.shape != (batch,):
-            raise ValueError(f"noise_labels must have shape [{batch}]; got {list(noise_labels.shape)}")
+        noise_labels = noise_label_batch(noise_labels, batch)
 
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
