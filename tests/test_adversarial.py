@@ -246,3 +246,18 @@ def test_mnist_end_to_end(tmp_path, monkeypatch, name, disc):
     assert samples.shape == (2, 1, 28, 28) and torch.isfinite(samples).all()
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert all(key in log for key in ["discriminator/d_real", *LOGGED[name]]), log[-400:]
+
+
+@pytest.mark.parametrize("name", ["dmd2", "add"])
+def test_gan_roles_under_torchrun_with_two_processes(tmp_path, run_cli, name):
+    """DDP with a discriminator role (add) and with dmd2's head inside the fake score, which is called twice in its
+    phase (its DSM loss and the GAN loss) before one backward."""
+    from runs.checkpoint import load_checkpoint
+    result = run_cli("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "runs.train",
+                     "--objective", name, "--backbone", "mlp", "--data", "gmm", "data.n=256", "backbone.hidden=16",
+                     "backbone.num_blocks=1", "train.batch_size=32", "train.steps=6", "train.sample_every=0",
+                     "teacher.eval_n=0", "--out", tmp_path / "ddp", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "ddp")
+    assert state["step"] == 6 and all(torch.isfinite(t).all() for net in state["networks"].values()
+                                       for t in net.values())
