@@ -25,6 +25,7 @@ from metrics import METRICS
 from metrics.mnist_net import load_mnist_feature_net
 from runs.bench_defaults import main as bench_defaults_main
 from runs.bench_distill import main as bench_distill_main
+from runs.bench_guidance import main as bench_guidance_main
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
@@ -117,7 +118,7 @@ def teacher_main(argv):
 
 
 BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main, "distill": bench_distill_main,
-           "defaults": bench_defaults_main}
+           "defaults": bench_defaults_main, "guidance": bench_guidance_main}
 
 
 def main(argv=None):
