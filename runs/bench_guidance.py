@@ -119,7 +119,8 @@ def markdown(s):
     lines += [f"| {r['model']} | {r['w']:g} | {r['fid_mnist']} | {r['precision']} | {r['recall']} | "
               f"{r['class_accuracy']} | {r['nfe']} | {r['images_per_sec']} | {r['parameters']:,} | "
               f"{r['train_minutes']} | {r['train_steps']} | {r['train_images_per_sec']} |" for r in s["rows"]]
-    lines += [""] + [note for note in s.get("notes", [])]
+    for note in s.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
