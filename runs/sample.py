@@ -222,8 +222,8 @@ def main(argv=None):
     p.add_argument("--solver", help="solver name (default: the run's own)")
     p.add_argument("--schedule", help="schedule name, or a schedule file from runs.optimise_schedule (default: the "
                                       "run's own)")
-    p.add_argument("--nfe", type=positive_int, help=f"denoiser evaluations per sample (default: a schedule file's own, else "
-                                           f"{DEFAULT_NFE})")
+    p.add_argument("--nfe", type=positive_int, help=f"denoiser evaluations per sample (default: a schedule file's own, a "
+                                           f"one- or few-step student's own, else {DEFAULT_NFE})")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--batch", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -243,6 +243,8 @@ def main(argv=None):
         solver, nfe = file_defaults(args.schedule, args.solver, args.nfe)  # checked before the run is loaded
         device = pick_device(args.device)
         config, objective = load_run(args.run, device, ema=not args.no_ema)
+        if args.nfe is None and args.schedule is None and args.solver is None and objective.eval_nfe:
+            nfe = int(objective.eval_nfe)  # a one- or few-step student samples with its own number of steps
         samples, labels, nfe, rate = sample(objective, config, args.n, nfe, solver, args.schedule, args.batch,
                                             args.seed, device, guidance=args.guidance,
                                             interval=args.guidance_interval, class_label=args.class_label)

@@ -370,6 +370,16 @@ def test_sample_cli_on_a_kd_student_matches_its_reloaded_generator(students, tmp
         torch.testing.assert_close(objective.generate(z, 1), torch.from_numpy(samples), rtol=0, atol=1e-6)
 
 
+def test_sample_cli_without_nfe_samples_a_one_step_student_in_its_own_steps(tmp_path, capsys):
+    """runs.sample with no --nfe takes a one-step student's own eval_nfe (35, the teachers' default, is an error
+    for dmd2, whose generator takes exactly its student_sigmas' number of steps)."""
+    from runs.sample import main as sample_main
+    train(objective_config("dmd2", "train.steps=2"), tmp_path / "dmd2")
+    sample_main([str(tmp_path / "dmd2"), "--n", "8", "--out", str(tmp_path / "s.npz"), "--device", "cpu"])
+    assert "NFE 1 measured" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npz")["samples"].shape == (8, 2)
+
+
 def test_sample_cli_on_a_progressive_student(students, tmp_path, run_cli):
     config, objective = load_run(students / "progressive")  # re-fits the analytic teacher it holds
     assert objective.eval_nfe == 2 and isinstance(objective.teacher, GaussianMixtureDenoiser)
