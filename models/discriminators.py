@@ -58,6 +58,13 @@ class ClassProjection(nn.Module):
         return ((out.float() * cmap.float()).sum(1) / math.sqrt(self.cmap_dim)).reshape(batch, -1)
 
 
+def data_shape(backbone):
+    """The shape of one sample of the data `backbone` takes: (dim,) for vectors, (C, H, W) for images."""
+    dim = getattr(backbone, "dim", 0)
+    return (int(dim),) if dim else (int(backbone.in_channels), int(backbone.img_resolution),
+                                    int(backbone.img_resolution))
+
+
 def check_input(x, shape, name):
     if tuple(x.shape[1:]) != tuple(shape):
         raise ValueError(f"{name} expects inputs of shape [B, {', '.join(map(str, shape))}]; got {list(x.shape)}")

@@ -308,6 +308,7 @@ class DiT(nn.Module):
     """
 
     outputs_trajectory = False  # a plain backbone: one output per noise label (models.generator)
+    GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
 
     def __init__(
         self,
@@ -379,8 +380,6 @@ class DiT(nn.Module):
         self.final = FinalLayer(hidden_size, patch_size, out_channels)
         self.guidance_dim = 0  # add_guidance_embedding sets it
         self.initialize()
-
-    GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
 
     def add_guidance_embedding(self, dim):
         """A guidance-weight input for guidance distillation (Meng et al. 2023; objectives/guidance_distill.py), as

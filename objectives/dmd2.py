@@ -43,7 +43,7 @@ Choices where the paper is silent or ours differ:
 import torch
 from torch import nn
 
-from models.discriminators import FeatureHeads, feature_levels, probe_features
+from models.discriminators import FeatureHeads, data_shape, feature_levels, probe_features
 from objectives.adversarial import GanTerm
 from objectives.base import renoising_chain
 from objectives.distribution_matching import DistributionMatching, KarrasGridLevels
@@ -100,9 +100,8 @@ class DMD2(KarrasGridLevels, DistributionMatching):
             if discriminator == "fake_score":
                 if disc_args:
                     raise ValueError("dmd2: the fake_score head takes no disc_args")
-                like = torch.zeros(1, *self.data_shape(backbone))
                 discriminator = self.networks["fake_score"] = FakeScoreWithHead(
-                    self.networks["fake_score"], like.shape[1:], self.networks["student"].label_dim)
+                    self.networks["fake_score"], data_shape(backbone), self.networks["student"].label_dim)
                 self.gan = GanTerm("dmd2", backbone, teacher, discriminator, None, gan_loss, r1_weight, r1_kind)
                 self.discriminate = lambda x, sigma, labels: self.networks["fake_score"](x, sigma, labels, logits=True)
             else:
@@ -111,11 +110,6 @@ class DMD2(KarrasGridLevels, DistributionMatching):
                 self.discriminate = lambda x, sigma, labels: self.networks["discriminator"](x, sigma, labels)
             self.needs_data = True  # the discriminator sees real images
         self.gan_g_weight, self.gan_d_weight = float(gan_g_weight), float(gan_d_weight)
-
-    @staticmethod
-    def data_shape(backbone):
-        dim = getattr(backbone, "dim", 0)
-        return (dim,) if dim else (backbone.in_channels, backbone.img_resolution, backbone.img_resolution)
 
     def phases(self, step):
         critics = ["fake_score", "discriminator"] if "discriminator" in self.networks else ["fake_score"]
