@@ -226,8 +226,10 @@ def train(config, run_dir, resume=False, teacher=None, dataset=None):
             step += 1
             progress.update(1)
 
-            out_of_time = bool(s.minutes) and out_of_budget(elapsed_before + time.time() - start, s.minutes, world,
-                                                            device)
+            # one process reads its clock every step; several agree by an all-reduce at log steps only (no
+            # per-step sync), so a DDP run may pass its budget by up to train.log_every steps
+            out_of_time = (bool(s.minutes) and (world == 1 or step % s.log_every == 0)
+                           and out_of_budget(elapsed_before + time.time() - start, s.minutes, world, device))
             checkpoint_now = (step % s.ckpt_every == 0 or step == s.steps or out_of_time
                               or (s.ckpt_minutes and time.time() - last_checkpoint >= 60 * s.ckpt_minutes))
             if step % s.log_every == 0 or checkpoint_now:
