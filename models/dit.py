@@ -79,7 +79,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from models.noise import noise_label_batch
-from models.unet import GUIDANCE_MAX_POSITIONS, check_guidance_dim, guidance_weights
+from models.unet import GUIDANCE_MAX_POSITIONS, check_guidance_dim, guidance_weights, target_labels
 
 try:
     import xformers.ops as xformers_ops
@@ -309,6 +309,7 @@ class DiT(nn.Module):
 
     outputs_trajectory = False  # a plain backbone: one output per noise label (models.generator)
     GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
+    TARGET_PREFIXES = ("target_embed",)      # what add_target_embedding adds
 
     def __init__(
         self,
@@ -379,6 +380,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size, out_channels)
         self.guidance_dim = 0  # add_guidance_embedding sets it
+        self.two_time = False  # add_target_embedding sets it
+        self.max_period = max_period
         self.initialize()
 
     def add_guidance_embedding(self, dim):
@@ -393,6 +396,21 @@ class DiT(nn.Module):
                                              max_period=GUIDANCE_MAX_POSITIONS).to(like.device, like.dtype)
         nn.init.zeros_(self.guidance_embed.mlp[-1].weight)
         nn.init.zeros_(self.guidance_embed.mlp[-1].bias)
+        return self
+
+    def add_target_embedding(self):
+        """A second time input for two-time students (flow maps, models/flow_map.py), as the U-Net's:
+        forward(..., target_noise_labels=c), c [B], embedded as the noise label is (its own NoiseEmbedding) and added
+        to the conditioning c. Its last layer starts at zero, so a teacher-initialised net computes the teacher for
+        every target. Such a net requires the input. Returns self."""
+        if self.two_time:
+            raise ValueError("this net has a second time input already")
+        like = self.patch_embed.proj.weight
+        self.target_embed = NoiseEmbedding(self.hidden_size, max_period=self.max_period).to(like.device, like.dtype)
+        nn.init.normal_(self.target_embed.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.target_embed.mlp[-1].weight)
+        nn.init.zeros_(self.target_embed.mlp[-1].bias)
+        self.two_time = True
         return self
 
     def initialize(self):
@@ -438,7 +456,7 @@ class DiT(nn.Module):
         return tokens.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
     def forward(self, x, noise_labels, class_labels=None, **extra):
-        guidance = extra.pop("guidance", None)
+        guidance, target = extra.pop("guidance", None), extra.pop("target_noise_labels", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
         noise_labels = noise_label_batch(noise_labels, batch)
@@ -447,7 +465,11 @@ class DiT(nn.Module):
         if self.label_embed is not None:
             c = c + self.label_embed(class_labels, batch, x.device)
         if self.guidance_dim or guidance is not None:
-            c = c + self.guidance_embed(guidance_weights(guidance, batch, x.device, "DiT", self.guidance_dim))
+            guidance = guidance_weights(guidance, batch, x.device, "DiT", self.guidance_dim)
+            c = c + self.guidance_embed(guidance)
+        if self.two_time or target is not None:
+            target = target_labels(target, batch, x.device, "DiT", self.two_time)
+            c = c + self.target_embed(target)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final(h, c)).to(x.dtype)

@@ -166,6 +166,10 @@ class FNOUNet(UNet):
                          f"{list(noise_labels.shape)}. fno returns a trajectory: use it with an objective that "
                          "wraps it as one (dsno), not as a Denoiser")
 
+    def add_target_embedding(self):
+        raise ValueError("fno maps one input to a trajectory and has no second time input for a flow map; use a "
+                         "unet, dit or mlp network")
+
     def features(self, x, noise_labels, class_labels=None, **extra):
         raise ValueError("fno maps one input to a trajectory and has no single-level features for a discriminator "
                          "head; use a unet or mlp network")

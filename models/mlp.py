@@ -13,18 +13,21 @@ through a 2-layer MLP whose last layer starts at zero, and added to the noise em
 teacher's weights thus computes exactly the teacher for every w until it trains. Such a net requires `guidance`;
 others refuse it.
 """
+import copy
+
 from torch import nn
 from torch.nn import functional as F
 
 from models.labels import label_rows
 from models.unet import (GUIDANCE_MAX_POSITIONS, FourierEmbedding, PositionalEmbedding, check_guidance_dim,
-                         guidance_weights)
+                         guidance_weights, target_labels)
 
 
 class MLP(nn.Module):
     """Residual MLP for vector data [B, D], with noise and optional class (and guidance-weight) embedding."""
 
     GUIDANCE_PREFIXES = ("guidance_embed",)  # what add_guidance_embedding adds (a teacher lacks them)
+    TARGET_PREFIXES = ("target_embed",)      # what add_target_embedding adds
 
     def __init__(self, dim=2, hidden=256, num_blocks=4, emb_channels=128, label_dim=0, dropout=0.0,
                  embedding="fourier", label_dropout=0.0):
@@ -39,6 +42,7 @@ class MLP(nn.Module):
         self.emb = nn.Sequential(nn.Linear(emb_channels, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
         self.guidance_dim = 0  # add_guidance_embedding sets it
+        self.two_time = False  # add_target_embedding sets it
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(norm=nn.LayerNorm(hidden), fc1=nn.Linear(hidden, 2 * hidden),
@@ -62,6 +66,21 @@ class MLP(nn.Module):
         nn.init.zeros_(self.guidance_embed[-1].bias)
         return self
 
+    def add_target_embedding(self):
+        """Give the net a second time input, target_noise_labels [B] (models/flow_map.py; as the U-Net's): a copy
+        of the noise embedding's kind, then Linear-SiLU-Linear into the noise embedding, the last layer
+        zero-initialised, so a teacher-initialised net computes the teacher for every target. Returns self."""
+        if self.two_time:
+            raise ValueError("this net has a second time input already")
+        hidden, like = self.inp.out_features, self.inp.weight
+        width = self.emb[0].in_features
+        self.target_embed = nn.Sequential(copy.deepcopy(self.noise_embed), nn.Linear(width, hidden), nn.SiLU(),
+                                          nn.Linear(hidden, hidden)).to(like.device, like.dtype)
+        nn.init.zeros_(self.target_embed[-1].weight)
+        nn.init.zeros_(self.target_embed[-1].bias)
+        self.two_time = True
+        return self
+
     def _labels(self, class_labels, batch, device):
         return label_rows(class_labels, batch, self.label_dim, device, self.label_dropout, self.training)
 
@@ -70,11 +89,15 @@ class MLP(nn.Module):
 
     def features(self, x, noise_labels, class_labels=None, **extra):
         """The hidden state [B, hidden] after each block, shallow to deep (what a discriminator head reads)."""
-        guidance = extra.pop("guidance", None)
+        guidance, target = extra.pop("guidance", None), extra.pop("target_noise_labels", None)
         if extra:
             raise ValueError(f"MLP got unexpected inputs {sorted(extra)}; it takes x, noise_labels, class_labels"
-                             + (", guidance" if self.guidance_dim else ""))
+                             + (", guidance" if self.guidance_dim else "")
+                             + (", target_noise_labels" if self.two_time else ""))
         emb = self.emb(self.noise_embed(noise_labels))
+        if self.two_time or target is not None:
+            target = target_labels(target, x.shape[0], x.device, "MLP", self.two_time)
+            emb = emb + self.target_embed(target)
         if self.guidance_dim or guidance is not None:
             w = guidance_weights(guidance, x.shape[0], x.device, type(self).__name__, self.guidance_dim)
             emb = emb + self.guidance_embed(w)

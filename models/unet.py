@@ -15,6 +15,7 @@ resample_filter=[1, 1] computes, written plainly.
 
 A backbone knows nothing of sigma: it maps (x, noise_labels [B], class_labels) to a tensor shaped like x.
 """
+import copy
 import math
 
 import torch
@@ -105,19 +106,31 @@ class FourierEmbedding(nn.Module):
 GUIDANCE_MAX_POSITIONS = 1000  # the guidance embedding's lowest frequency is 1/1000: smooth over w in [0, ~10]
 
 
+def scalar_input(value, batch, device, name, what, enabled, how):
+    """An extra per-sample scalar input of a backbone (the guidance weight, a flow map's target noise label) as float32
+    [B]; a one-line ValueError when it is missing (`enabled`) or not wanted (`how` says how to add it)."""
+    if not enabled:
+        raise ValueError(f"{what} given to a {name} without that input ({how})")
+    if value is None:
+        raise ValueError(f"this {name} has a {what} input ({how}) and needs {what} (a [B] tensor) at every call")
+    value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    value = value.expand(batch) if value.ndim == 0 else value
+    if value.shape != (batch,):
+        raise ValueError(f"{what} must be a scalar or have shape [{batch}]; got {list(value.shape)}")
+    return value
+
+
 def guidance_weights(guidance, batch, device, name, guidance_dim):
     """A backbone's `guidance` input as float32 [B]; a one-line ValueError when it is missing or not wanted."""
-    if not guidance_dim:
-        raise ValueError(f"guidance given to a {name} without a guidance embedding (guidance_dim=0; see "
-                         "add_guidance_embedding)")
-    if guidance is None:
-        raise ValueError(f"{name} with guidance_dim={guidance_dim} needs guidance=w (a [B] tensor of guidance "
-                         "weights) at every call")
-    w = torch.as_tensor(guidance, dtype=torch.float32, device=device)
-    w = w.expand(batch) if w.ndim == 0 else w
-    if w.shape != (batch,):
-        raise ValueError(f"guidance must be a scalar or have shape [{batch}]; got {list(w.shape)}")
-    return w
+    return scalar_input(guidance, batch, device, name, "guidance", guidance_dim,
+                        f"guidance_dim={guidance_dim}, see add_guidance_embedding")
+
+
+def target_labels(target, batch, device, name, two_time):
+    """A two-time backbone's `target_noise_labels` (the noise label of the level a flow map jumps to, see
+    models/flow_map.py) as float32 [B]; a one-line ValueError when it is missing or not wanted."""
+    return scalar_input(target, batch, device, name, "target_noise_labels", two_time,
+                        "a second time input, see add_target_embedding")
 
 
 def check_guidance_dim(dim, current):
@@ -210,9 +223,16 @@ class UNet(nn.Module):
     embedding. The zero init makes a net started from a teacher's weights (init_from_teacher with allow_missing=
     GUIDANCE_PREFIXES) compute exactly the teacher for every w. Such a net requires `guidance`; others refuse it.
     It is a method, not a constructor argument, so that FNOUNet keeps taking exactly UNet's arguments.
+
+    Second time input (two-time students, flow maps: models/flow_map.py): after `add_target_embedding()` forward takes
+    target_noise_labels=c, a [B] tensor, the noise label of the level the output jumps to, embedded as the noise label
+    is (a second embedding module of the same kind) and, through a zero-initialised linear layer, added to the noise
+    embedding. Zero-initialised, so a student started from a teacher's weights (allow_missing=TARGET_PREFIXES)
+    computes exactly the teacher for every target until it trains (CTM's initialisation). Such a net requires it.
     """
 
     GUIDANCE_PREFIXES = ("map_guidance",)  # what add_guidance_embedding adds (a teacher lacks them)
+    TARGET_PREFIXES = ("map_target",)      # what add_target_embedding adds
 
     def __init__(
         self,
@@ -267,6 +287,7 @@ class UNet(nn.Module):
             self.map_noise = FourierEmbedding(model_channels, fourier_scale)
         self.map_label = init_layer(nn.Linear(label_dim, model_channels)) if label_dim else None
         self.guidance_dim = 0  # add_guidance_embedding sets it
+        self.two_time = False  # add_target_embedding sets it
         self.map_layer0 = init_layer(nn.Linear(model_channels, emb_channels))
         self.map_layer1 = init_layer(nn.Linear(emb_channels, emb_channels))
 
@@ -315,6 +336,19 @@ class UNet(nn.Module):
         nn.init.zeros_(self.map_guidance_proj.bias)
         return self
 
+    def add_target_embedding(self):
+        """Give the net a second time input (see the class docstring): a copy of the noise embedding's kind, then a
+        zero-initialised linear map into the noise embedding. Parameters under TARGET_PREFIXES. Returns self."""
+        if self.two_time:
+            raise ValueError("this net has a second time input already")
+        like = self.map_layer0.weight
+        self.map_target = copy.deepcopy(self.map_noise)  # a fourier embedding keeps its frequencies
+        self.map_target_proj = nn.Linear(like.shape[1], like.shape[1], device=like.device, dtype=like.dtype)
+        nn.init.zeros_(self.map_target_proj.weight)
+        nn.init.zeros_(self.map_target_proj.bias)
+        self.two_time = True
+        return self
+
     def num_params(self):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -353,12 +387,15 @@ class UNet(nn.Module):
 
     def encode(self, x, noise_labels, class_labels=None, **extra):
         """(h after the middle blocks, the encoder activations the decoder consumes, the embedding)."""
-        guidance = extra.pop("guidance", None)
+        guidance, target = extra.pop("guidance", None), extra.pop("target_noise_labels", None)
         self.check_inputs(x, class_labels, extra)
         batch = x.shape[0]
         noise_labels = noise_label_batch(noise_labels, batch)
 
         emb = self.map_noise(noise_labels)
+        if self.two_time or target is not None:
+            target = target_labels(target, batch, x.device, type(self).__name__, self.two_time)
+            emb = emb + self.map_target_proj(self.map_target(target))
         if self.map_label is not None:
             labels = self._labels(class_labels, batch, x.device)
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))

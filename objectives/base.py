@@ -21,6 +21,7 @@ import torch
 
 from data.trajectories import saved_sigmas
 from models.denoiser import Denoiser
+from models.flow_map import FlowMap
 from models.generator import TimeGenerator
 from solvers import (SCHEDULES, SOLVERS, ddim_step, dpm_solver_step, dpmpp_2s_step, euler_step, heun_step,
                      schedule_kwargs, sigmas_for_nfe)
@@ -194,6 +195,16 @@ def student_denoiser(backbone, teacher, parameterisation="teacher", sigma_data=N
     parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data, default)
     initialised = init_from_teacher(backbone, teacher)
     return Denoiser(backbone, parameterisation, sigma_data), initialised
+
+
+def flow_map_student(backbone, teacher, parameterisation="teacher", sigma_data=None, default="edm"):
+    """(models.flow_map.FlowMap over `backbone` given a second time input, whether it took the teacher's weights):
+    with them it computes the teacher's Euler step for every jump until it trains (CTM's initialisation)."""
+    parameterisation, sigma_data = teacher_preconditioning(teacher, parameterisation, sigma_data, default)
+    flow_map = FlowMap(backbone, parameterisation, sigma_data)
+    initialised = init_from_teacher(flow_map.backbone, teacher,
+                                    allow_missing=getattr(type(flow_map.backbone), "TARGET_PREFIXES", ()))
+    return flow_map, initialised
 
 
 def one_step_sample(denoiser, z, sigma_max, class_labels=None):

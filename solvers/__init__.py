@@ -19,6 +19,7 @@ from .dpm_solver import dpm_solver_step, sample_dpm_solver_1, sample_dpm_solver_
 from .dpmpp import (dpmpp_2m_sde_step, dpmpp_2m_step, dpmpp_2s_step, dpmpp_3m_step, sample_dpmpp_2m,
                     sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
 from .euler import euler_step, sample_euler
+from .flow_map import flow_map_levels, sample_flow_map
 from .guidance import GuidedDenoiser, guided
 from .heun import heun_step, sample_heun
 from .multistep import deis_step, ipndm_step, lms_step, sample_deis, sample_ipndm, sample_lms

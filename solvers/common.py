@@ -126,9 +126,9 @@ class CountingDenoiser:
         self.denoiser = denoiser
         self.nfe = 0
 
-    def __call__(self, x, sigma, **cond):
+    def __call__(self, x, sigma, *levels, **cond):  # *levels: a flow map's sigma_to (solvers/flow_map.py)
         self.nfe += 1
-        return self.denoiser(x, sigma, **cond)
+        return self.denoiser(x, sigma, *levels, **cond)
 
     def reset(self):
         self.nfe = 0
