@@ -61,6 +61,8 @@ class Denoiser(nn.Module):
         super().__init__()
         if parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"unknown parameterisation {parameterisation!r}; known: {', '.join(PARAMETERISATIONS)}")
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < float("inf"):
+            raise ValueError(f"sigma_data (the data's standard deviation) must be a positive number; got {sigma_data!r}")
         self.backbone = backbone
         self.parameterisation = parameterisation
         self.sigma_data = float(sigma_data)
