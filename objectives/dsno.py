@@ -39,7 +39,7 @@ class DSNO(Objective):
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, solver="heun", nfe=35, schedule="karras", sigma_min=0.002,
-                 sigma_max=80.0, rho=7.0, save_sigmas=4, n=2000, distance="mse", normalise_weights=False):
+                 sigma_max=80.0, rho=7.0, save_sigmas: int | list = 4, n=2000, distance="mse", normalise_weights=False):
         super().__init__()
         if teacher is None:
             raise ValueError("dsno needs a teacher: pass --teacher RUN (its rollouts are the training data)")

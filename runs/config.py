@@ -225,6 +225,13 @@ def constructor_defaults(component, what):
             if k not in INJECTED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def widened_annotation(component, key):
+    """`object` (any value; the constructor checks it) for an argument annotated with a union such as `int | list`,
+    whose default's type alone would refuse the other kind; else None (checked against the default's type)."""
+    annotation = inspect.signature(component).parameters[key].annotation
+    return object if annotation is not inspect.Parameter.empty and not isinstance(annotation, type) else None
+
+
 def plain(value):
     """Tuples as lists, so the config round-trips through YAML."""
     if isinstance(value, (tuple, list)):
@@ -246,7 +253,8 @@ def resolve_component(section, values):
     missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty and k not in values]
     if missing:
         raise ValueError(f"{section} {name!r} needs {', '.join(missing)} (set {section}.{missing[0]}=...)")
-    given = {k: checked(v, defaults[k], f"{section}.{k}") for k, v in values.items()}
+    given = {k: checked(v, defaults[k], f"{section}.{k}", annotation=widened_annotation(component, k))
+             for k, v in values.items()}
     return {"name": name, **{k: plain(given.get(k, v)) for k, v in defaults.items()}}
 
 

@@ -201,3 +201,14 @@ def test_fno_student_starts_as_the_unet_teacher_on_every_slice():
     grads = [p.grad for name, p in dsno.networks["student"].named_parameters() if ".time_layers." in f".{name}"]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_save_sigmas_takes_a_list_of_sigmas_through_the_config():
+    """The paper's output times are a list; the config checks by the default's type (an int) unless the argument's
+    annotation widens it (runs.config.widened_annotation)."""
+    from runs.config import resolve_component
+    listed = resolve_component("objective", {"name": "dsno", "save_sigmas": [1.218, 0.414, 0.0985, 0]})
+    assert listed["save_sigmas"] == [1.218, 0.414, 0.0985, 0]
+    assert resolve_component("objective", {"name": "dsno", "save_sigmas": 3})["save_sigmas"] == 3
+    with pytest.raises(ValueError, match="objective.sigma_max"):  # other arguments are still checked by type
+        resolve_component("objective", {"name": "dsno", "sigma_max": "high"})
