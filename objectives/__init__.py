@@ -3,6 +3,7 @@ from objectives.add import ADD
 from objectives.base import Objective, pick
 from objectives.boot import BOOT
 from objectives.cd import CD
+from objectives.ctm import CTM
 from objectives.ct import CT
 from objectives.diff_instruct import DiffInstruct
 from objectives.diffratio import DiffRatio
@@ -32,6 +33,7 @@ OBJECTIVES = {
     "ict": ICT,
     "ect": ECT,
     "tract": TRACT,
+    "ctm": CTM,
     "diff_instruct": DiffInstruct,
     "dmd": DMD,
     "dmd2": DMD2,
