@@ -23,6 +23,7 @@ c_noise is ln(sigma)/4, which has no value at 0, and the jumps to 0 and to 0.002
 term only (the floor is the project's sigma_min).
 """
 import torch
+from torch import nn
 
 from models.denoiser import Denoiser
 from models.noise import append_dims, edm_log_noise_label, sigma_batch
@@ -62,3 +63,32 @@ class FlowMap(Denoiser):
     def denoise(self, x, sigma, class_labels=None):
         """g(x, sigma, sigma): the flow map's denoiser D(x, sigma) (CTM's DSM term; any ODE solver samples it)."""
         return self.jump(x, sigma, sigma, class_labels)[1]
+
+
+class FlowMapDenoiser(nn.Module):
+    """g(x, sigma, sigma) of a FlowMap as a denoiser D(x, sigma, class_labels=None), so any ODE solver samples a
+    flow-map student and a flow-map run can serve as a teacher (CTM's g; MeanFlow's instantaneous velocity u(z, t, t),
+    which is flow matching)."""
+
+    def __init__(self, flow_map):
+        super().__init__()
+        self.flow_map = flow_map
+
+    @property
+    def backbone(self):
+        return self.flow_map.backbone
+
+    @property
+    def parameterisation(self):
+        return self.flow_map.parameterisation
+
+    @property
+    def sigma_data(self):
+        return self.flow_map.sigma_data
+
+    @property
+    def label_dim(self):
+        return self.flow_map.label_dim
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.flow_map.denoise(x, sigma, class_labels)

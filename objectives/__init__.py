@@ -15,8 +15,10 @@ from objectives.ect import ECT
 from objectives.guidance_distill import GuidanceDistill, GuidanceProgressive
 from objectives.ict import ICT
 from objectives.kd import KD
+from objectives.meanflow import MeanFlow
 from objectives.progressive import Progressive
 from objectives.reflow import Reflow
+from objectives.scm import SCD, SCT
 from objectives.sid import SiD
 from objectives.tract import TRACT
 from objectives.ufogen import UFOGen
@@ -33,7 +35,10 @@ OBJECTIVES = {
     "ict": ICT,
     "ect": ECT,
     "tract": TRACT,
+    "scd": SCD,
+    "sct": SCT,
     "ctm": CTM,
+    "meanflow": MeanFlow,
     "diff_instruct": DiffInstruct,
     "dmd": DMD,
     "dmd2": DMD2,

@@ -75,10 +75,10 @@ import collections
 import math
 
 import torch
-from torch import nn
 
 from models.discriminators import data_shape
 from models.ema import update_ema
+from models.flow_map import FlowMapDenoiser
 from models.noise import append_dims
 from objectives.adversarial import GanTerm
 from objectives.base import TEACHER_STEPS, Objective, flow_map_student, frozen_copy, pick, unwrap
@@ -118,22 +118,6 @@ def output_layer(flow_map, shape, conditional):
         queue.extend(child for child, _ in node.next_functions)
     raise ValueError("ctm: found no trainable weight in the student's output path for the adaptive DSM/GAN weights; "
                      "name one with objective.last_layer=... or set a fixed objective.dsm_weight")
-
-
-class FlowMapDenoiser(nn.Module):
-    """g(x, sigma, sigma) of a flow map as a denoiser D(x, sigma, class_labels=None) for any ODE solver."""
-
-    def __init__(self, flow_map):
-        super().__init__()
-        self.flow_map = flow_map
-        self.parameterisation, self.sigma_data = flow_map.parameterisation, flow_map.sigma_data
-
-    @property
-    def label_dim(self):
-        return self.flow_map.label_dim
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.flow_map.denoise(x, sigma, class_labels)
 
 
 class CTM(Objective):

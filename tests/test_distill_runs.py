@@ -41,6 +41,7 @@ OBJECTIVES = {  # name: (flags, overrides, learns from rollouts)
     "cd": (["--backbone", "mlp", "--objective", "cd"], VECTOR + ["objective.num_levels=6"], False),
     "ect": (["--backbone", "mlp", "--objective", "ect"], VECTOR + ["objective.stage_steps=2"], False),
     "ctm": (["--backbone", "mlp", "--objective", "ctm"], VECTOR + ["objective.num_levels=6"], False),
+    "scd": (["--backbone", "mlp", "--objective", "scd"], VECTOR + ["backbone.embedding=positional"], False),
     "tract": (["--backbone", "mlp", "--objective", "tract"],
               VECTOR + ["objective.steps=[4,2,1]", "objective.steps_per_phase=2"], False),
     "diff_instruct": (["--backbone", "mlp", "--objective", "diff_instruct"], VECTOR, False),
