@@ -10,11 +10,10 @@ needs): MNIST-FID, precision and recall of `--n` samples (balanced classes) agai
 classifier's accuracy on the samples' intended classes (the conditioning check), for each guidance weight in `--ws`
 (EDM2's convention: w = 1 is the conditional model, one batched 2B call per evaluation = 1 NFE), Heun at `--nfe`.
 Then `guidance_distill` trains a w-conditioned student from the U-Net teacher for `--minutes` and samples at the
-same w with one B-sized call per evaluation. Writes <out>.md / .json / .csv; the training runs go under --runs-dir
+same w with one B-sized call per evaluation (Heun at `--nfe`), and `guidance_progressive` (stage two) distils that
+student's steps progressively, 16 -> 8 -> 4 DDIM steps in `--progressive-steps` steps, sampled at 4 NFE. Writes <out>.md / .json / .csv; the training runs go under --runs-dir
 and are reused when present (a finished run directory with a checkpoint at its budget).
 """
-import csv
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from metrics.mnist_net import accuracy, load_mnist_feature_net
+from runs.bench_distill import write
 from runs.build import load_run
 from runs.checkpoint import load_checkpoint
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
@@ -42,12 +42,13 @@ TEACHER = ["backbone.label_dropout=0.1"]  # the null class classifier-free guida
                                           # target is the guided teacher for the sample's own class)
 
 
-def trained(run_dir, args, minutes, device):
-    """Train `args` for `minutes` into run_dir (reused when a finished run is there); returns (parameters, seconds,
-    steps, images/s in training) of its student or denoiser."""
+def trained(run_dir, args, minutes, device, steps=None):
+    """Train `args` for `minutes` (or exactly `steps` steps) into run_dir (reused when a finished run is there);
+    returns (parameters, seconds, steps, images/s in training) of its student or denoiser."""
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").exists():
-        config = make_config(parse_args([*args, *COMMON, f"train.minutes={minutes}", f"train.device={device.type}",
+        budget = [f"train.minutes={minutes}"] if steps is None else [f"train.steps={steps}"]
+        config = make_config(parse_args([*args, *COMMON, *budget, f"train.device={device.type}",
                                          "--out", str(run_dir)]))[0]
         train(config, run_dir)
     state = load_checkpoint(run_dir / "checkpoint.pt")
@@ -58,13 +59,14 @@ def trained(run_dir, args, minutes, device):
     return params, seconds, steps, steps * state["config"]["train"]["batch_size"] / max(seconds, 1e-9)
 
 
-def scored(run_dir, n, nfe, w, device, net, student_w=False):
-    """One row's measurements: samples of the run at guidance w (a distilled student: its own w input)."""
+def scored(run_dir, n, nfe, w, device, net, student_w=False, solver="heun"):
+    """One row's measurements: samples of the run at guidance w (a distilled student: its own w input; solver None:
+    the student's own `generate`)."""
     config, objective = load_run(run_dir, device=device)
     labels = torch.arange(n) % 10  # balanced classes
     if student_w:
         objective.sample_w = float(w)
-        samples, labels, calls, rate = sample(objective, config, n, nfe, solver="heun", labels=labels, device=device)
+        samples, labels, calls, rate = sample(objective, config, n, nfe, solver=solver, labels=labels, device=device)
     else:
         samples, labels, calls, rate = sample(objective, config, n, nfe, solver="heun", labels=labels, device=device,
                                               guidance=None if w == 1 else float(w))
@@ -75,7 +77,7 @@ def scored(run_dir, n, nfe, w, device, net, student_w=False):
             "nfe": round(calls, 1), "images_per_sec": round(rate, 1)}
 
 
-def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device):
+def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device, progressive_steps=600):
     net = load_mnist_feature_net(device=device)
     rows, runs_dir = [], Path(runs_dir)
     for name, args in TEACHERS.items():
@@ -95,16 +97,21 @@ def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device):
                      "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
                      "train_images_per_sec": round(rate, 1)})
         print(rows[-1], flush=True)
-    summary = {"minutes": minutes, "n": n, "solver": "heun", "nfe": nfe, "ws": ws, "device": str(device),
+    params, seconds, steps, rate = trained(
+        runs_dir / "guidance_progressive", ["--objective", "guidance_progressive", "--teacher",
+                                            str(runs_dir / "guidance_distill"), "--backbone", "unet",
+                                            f"objective.w_max={max(ws)}", "objective.start_steps=16",
+                                            "objective.end_steps=4", "teacher.eval_n=0"], minutes, device,
+        steps=progressive_steps)
+    for w in ws:
+        rows.append({"model": "guidance_progressive student (4 steps)", "w": w,
+                     **scored(runs_dir / "guidance_progressive", n, 4, w, device, net, student_w=True, solver=None),
+                     "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
+                     "train_images_per_sec": round(rate, 1)})
+        print(rows[-1], flush=True)
+    summary = {"minutes": minutes, "progressive_steps": progressive_steps, "n": n, "solver": "heun", "nfe": nfe, "ws": ws, "device": str(device),
                "provenance": provenance(device), "rows": rows}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    out.with_suffix(".md").write_text(markdown(summary))
+    write(out, summary, markdown(summary))
     return summary
 
 
@@ -112,7 +119,8 @@ def markdown(s):
     lines = ["# Class-conditional MNIST: U-Net vs DiT teachers, guidance sweep, guidance distillation", "",
              f"Each network trained {s['minutes']} minutes (EDM DSM, batch 32, label dropout 0.1) on {s['device']}; "
              f"{s['n']} samples with balanced classes, Heun at {s['nfe']} NFE (a guided evaluation is one batched 2B "
-             f"call = 1 NFE; the distilled student takes w as an input: one B call), MNIST-FID / precision / recall "
+             f"call = 1 NFE; the distilled student takes w as an input: one B call; the guidance_progressive student samples "
+             f"its own 4-step DDIM grid after {s.get('progressive_steps', '?')} steps), MNIST-FID / precision / recall "
              f"against {s['n']} real digits, and the MNIST classifier's accuracy on the intended classes.", "",
              "| model | w | MNIST-FID | precision | recall | class accuracy | NFE | images/s | parameters | "
              "train min | train steps | train images/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -129,6 +137,8 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=6.0, help="training minutes per network")
     p.add_argument("--n", type=positive_int, default=500)
     p.add_argument("--nfe", type=positive_int, default=15)
+    p.add_argument("--progressive-steps", type=positive_int, default=600,
+                   help="training steps of guidance_progressive (two stages: 16 -> 8 -> 4 steps)")
     p.add_argument("--ws", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="guidance weights (1: none)")
     p.add_argument("--runs-dir", default="out/bench_guidance")
     p.add_argument("--out", default="bench/guidance_mnist")
@@ -139,7 +149,7 @@ def main(argv=None):
             raise ValueError("--minutes must be > 0 and every --ws >= 0")
         tic = time.time()
         bench_guidance(args.minutes, args.n, args.nfe, sorted(args.ws), args.runs_dir, args.out,
-                       pick_device(args.device))
+                       pick_device(args.device), args.progressive_steps)
         print(f"wrote {args.out}.md ({(time.time() - tic) / 60:.1f} min)")
 
 

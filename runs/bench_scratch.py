@@ -12,14 +12,13 @@ covered against `--n` real digits (runs.eval.mnist_report, the shipped feature n
 minutes. Runs go under --runs-dir and are reused when a finished run is there; a method whose run fails becomes a row
 with its error. Writes <out>.md / .json / .csv with provenance.
 """
-import csv
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from metrics.mnist_net import load_mnist_feature_net
+from runs.bench_distill import write
 from runs.bench_guidance import trained
 from runs.build import load_run
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
@@ -65,15 +64,7 @@ def bench_scratch(minutes, n, runs_dir, out, device, methods):
             print(rows[-1], flush=True)
     summary = {"minutes": minutes, "n": n, "batch_size": 32, "device": str(device), "provenance": provenance(device),
                "rows": rows}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    out.with_suffix(".md").write_text(markdown(summary))
+    write(out, summary, markdown(summary))
     return summary
 
 
