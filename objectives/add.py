@@ -59,6 +59,7 @@ class ADD(Objective):
     """ADD (Sauer et al. 2023): adversarial loss on real data plus the teacher's score distillation."""
 
     method = "add"
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
     needs_data = True
     eval_nfe = 1

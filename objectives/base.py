@@ -76,6 +76,8 @@ class Objective:
                             # stop a run before train.steps)
     learns_teacher_map = True  # a student trained to reproduce its teacher's ODE map z -> x0 (False: it matches the
                                # data distribution instead, e.g. DMD, SiD; its report compares distributions only)
+    few_step = False        # a one- or few-step generator, distilled or trained without a teacher, that `python -m
+                            # runs.bench leaderboard` ranks (False: teacher training, guidance methods)
 
     def __init__(self):
         self.networks = {}

@@ -47,6 +47,7 @@ from solvers import get_schedule, schedule_kwargs
 class BOOT(Objective):
     """BOOT (Gu et al. 2023): a one-step generator trained data-free on the teacher's signal ODE by bootstrapping."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, schedule="karras", num_steps=32, sigma_min=0.002, sigma_max=80.0,

@@ -44,6 +44,7 @@ def replayed_random_draws(state, device):
 class ConsistencyObjective(Objective):
     """Base of cd / ct / ict / ect: student, target, the loss above, multistep sampling (module docstring)."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     eval_nfe = 1
 
     def __init__(self, backbone, teacher=None, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5,

@@ -127,6 +127,7 @@ class CTM(Objective):
     docstring)."""
 
     method = "ctm"
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
     needs_data = True
     eval_nfe = 1

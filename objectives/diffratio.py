@@ -138,6 +138,7 @@ class DiffRatio(Objective):
 
     learns_teacher_map = False
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True   # for its weights (initialisation) and preconditioning only
     needs_data = True      # the classifier compares generated samples with real data
     eval_nfe = 1

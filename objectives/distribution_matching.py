@@ -112,6 +112,7 @@ class DistributionMatching(Objective):
     learns_teacher_map = False
 
     method = "distribution matching"
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
     needs_data = False
     eval_nfe = 1

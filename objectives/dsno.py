@@ -36,6 +36,7 @@ def dsno_weights(sigmas):
 class DSNO(Objective):
     """DSNO (Zheng et al. 2023): one pass of an operator backbone regresses K points of the teacher's trajectory."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, solver="heun", nfe=35, schedule="karras", sigma_min=0.002,

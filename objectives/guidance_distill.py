@@ -223,6 +223,7 @@ def check_w_range(method, w_min, w_max, sample_w):
 class GuidanceProgressive(Progressive):
     """Meng et al. 2023, stage two: progressive distillation of a w-conditioned student, w ~ U per sample."""
 
+    few_step = False        # a guided student: measured against the guided teacher by runs.bench guidance
     needs_labels = True
 
     def __init__(self, backbone, teacher=None, w_min=0.0, w_max=4.0, sample_w=2.0, parameterisation="teacher",

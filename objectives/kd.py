@@ -26,6 +26,7 @@ from objectives.distances import make_distance
 class KD(Objective):
     """Luhman & Luhman 2021: a one-step student D(sigma_max z, sigma_max) regressed on the teacher's (z, x0) pairs."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
     eval_nfe = 1  # the NFE the student samples with (the loop's sample grids and quality report use it)
 

@@ -139,6 +139,7 @@ class MeanFlow(Objective):
     Average-velocity regression with a jvp target, (t, r) logit-normal draws, adaptive loss, optional CFG in
     training; see the module docstring."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     eval_nfe = 1
 
     def __init__(self, backbone, teacher=None, p_mean=-2.0, p_std=2.0, r_neq_t=0.75, norm_p=0.75, norm_c=1e-3,

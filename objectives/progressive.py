@@ -75,6 +75,7 @@ def _power_of_two(n):
 class Progressive(Objective):
     """Progressive distillation (Salimans & Ho 2022): N-step student, 2N-step teacher; N halves per stage."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, parameterisation="teacher", sigma_data=None, weighting="truncated_snr",

@@ -58,6 +58,7 @@ MODES = ("flow", "distill")
 class Reflow(Objective):
     """Rectified flow on the teacher's (z, x0) coupling (k-RF), or its one-step distillation (mode="distill")."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, mode="flow", parameterisation="teacher", sigma_data=None, distance="mse",

@@ -33,6 +33,7 @@ from solvers import SOLVERS, euler_step
 class TRACT(Objective):
     """TRACT (Berthelot et al. 2023): a teacher step plus a self-teacher jump across each coarse segment."""
 
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
 
     def __init__(self, backbone, teacher=None, steps=(40, 1), steps_per_phase=50000, self_teacher_decay=0.5,

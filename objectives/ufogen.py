@@ -74,6 +74,7 @@ class UFOGen(Objective):
     """UFOGen (Xu et al. 2023): a one-step generator trained against a discriminator of forward-noised x_{t-1}."""
 
     method = "ufogen"
+    few_step = True         # a one- or few-step generator: python -m runs.bench leaderboard ranks it
     needs_teacher = True
     needs_data = True
     eval_nfe = 1

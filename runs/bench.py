@@ -1,4 +1,4 @@
-"""Benchmarks that write their measured results to files: python -m runs.bench {teacher,solvers,distill} ...
+"""Benchmarks that write their measured results to files: python -m runs.bench {teacher,solvers,distill,...} ...
 
 teacher  sample a trained image teacher with several solvers and NFE, score each with MNIST-FID against n real
          digits (the same seeded subset the real-data floor uses), measure images per second, and write
@@ -10,6 +10,12 @@ defaults every objective trained with its true defaults, as a new user runs it (
          reports): see runs/bench_defaults.py.
 distill  every trajectory-distillation method against its teacher at the same NFE, on the analytic mixture (exact
          map error) and on MNIST (one-step MNIST-FID, images per second): see runs/bench_distill.py.
+leaderboard every registered one- and few-step method on one teacher, data, seeds and budget, stages cached so a
+         rerun resumes: method x NFE x (MNIST-FID, precision, recall, map error, images/s, training cost) as
+         Markdown, CSV, JSON and plots: see runs/bench_leaderboard.py.
+guidance class-conditional U-Net vs DiT teachers, a guidance sweep, guidance-distilled students: runs/bench_guidance.py.
+scratch  "do we need a teacher?": sct and meanflow from scratch vs a teacher trained for the same minutes:
+         runs/bench_scratch.py.
 """
 import csv
 import functools
@@ -26,6 +32,8 @@ from metrics.mnist_net import load_mnist_feature_net
 from runs.bench_defaults import main as bench_defaults_main
 from runs.bench_distill import main as bench_distill_main
 from runs.bench_guidance import main as bench_guidance_main
+from runs.bench_leaderboard import main as bench_leaderboard_main
+from runs.bench_scratch import main as bench_scratch_main
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
@@ -118,7 +126,8 @@ def teacher_main(argv):
 
 
 BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main, "distill": bench_distill_main,
-           "defaults": bench_defaults_main, "guidance": bench_guidance_main}
+           "defaults": bench_defaults_main, "guidance": bench_guidance_main,
+           "leaderboard": bench_leaderboard_main, "scratch": bench_scratch_main}
 
 
 def main(argv=None):
