@@ -82,6 +82,8 @@ def markdown(s):
         lines.append(f"| {r['method']} | {r['sampler']} | {r['nfe']:g} | {r['fid_mnist']} | {r['precision']} | "
                      f"{r['recall']} | {r['classes_covered']} | {r['images_per_sec']} | {r['train_minutes']} | "
                      f"{r['train_steps']} | {r['train_images_per_sec']} |")
+    for note in s.get("notes", []):  # what was observed, added to the .json by whoever ran it
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
