@@ -19,8 +19,8 @@ from metrics.toy import mmd, sliced_wasserstein
 
 def fid_mnist(samples, reference, net=None, device="cpu"):
     """Frechet distance in the features of the project's offline MNIST classifier (uint8 [N, 1, 28, 28])."""
-    from metrics.mnist_net import load_mnist_feature_net, mnist_features
-    net = load_mnist_feature_net(device=device) if net is None else net
+    from metrics.mnist_net import load_metric_net, mnist_features
+    net = load_metric_net(device=device) if net is None else net
     stats = [feature_statistics(mnist_features(net, images)) for images in (samples, reference)]
     return frechet_distance(*stats[0], *stats[1])
 
@@ -74,9 +74,16 @@ def mnist_metrics(samples, reference, net=None, device="cpu", k=DEFAULT_K, min_s
     (`classes_covered`, `class_tv_uniform`, ..., see metrics.classes) of uint8 MNIST samples against uint8 real
     digits, in the features of the project's MNIST classifier, as one flat dict; each set goes through the net once.
     fid / classes / manifold switch the three groups off."""
-    from metrics.mnist_net import load_mnist_feature_net, mnist_features
-    net = load_mnist_feature_net(device=device) if net is None else net
-    fake, real = mnist_features(net, samples), mnist_features(net, reference)
+    from metrics.mnist_net import load_metric_net, mnist_features
+    net = load_metric_net(device=device) if net is None else net
+    return mnist_feature_metrics(mnist_features(net, samples), mnist_features(net, reference), net, device, k,
+                                 min_share, fid, classes, manifold)
+
+
+def mnist_feature_metrics(fake, real, net, device="cpu", k=DEFAULT_K, min_share=None, fid=True, classes=True,
+                          manifold=True):
+    """mnist_metrics from the feature net's features of the samples (fake) and the real digits (real): for callers
+    that score one set of features against several reference splits."""
     report = {}
     if fid:
         report["fid_mnist"] = frechet_distance(*feature_statistics(fake), *feature_statistics(real))
@@ -112,5 +119,5 @@ METRICS = {"fid-mnist": fid_mnist, "fid-inception": fid_inception, "is-inception
 
 __all__ = ["METRICS", "DEFAULT_K", "feature_statistics", "frechet_distance", "fid_mnist", "fid_inception", "swd", "mmd2",
            "mmd", "sliced_wasserstein", "precision_recall", "precision_recall_mnist", "class_histogram_mnist",
-           "precision_recall_inception", "mnist_metrics", "manifold_metrics", "knn_radii", "class_coverage",
-           "class_histogram"]
+           "precision_recall_inception", "mnist_metrics", "mnist_feature_metrics", "manifold_metrics", "knn_radii",
+           "class_coverage", "class_histogram"]

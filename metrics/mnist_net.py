@@ -21,7 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHECKPOINT_NAME = "mnist_feature_net.pt"
-SHIPPED = Path(__file__).with_name(CHECKPOINT_NAME)  # the checkpoint every bench figure in bench/ was scored with
+SHIPPED = Path(__file__).with_name(CHECKPOINT_NAME)  # the checkpoint bench/ figures before the wide net were scored with
+# The feature net the MNIST metrics (fid-mnist, precision-recall-mnist, class-histogram-mnist, runs.eval.mnist_report)
+# use when none is passed: "wide" (metrics/mnist_net_wide.py, metrics/mnist_feature_net_wide.pt, validated against
+# this one by `python -m runs.bench metric`, bench/metric_mnist.md) or "shipped" (MnistNet, SHIPPED above).
+METRIC_NET = "wide"
 
 
 def cache_dir():
@@ -159,13 +163,30 @@ def load_mnist_feature_net(path=None, device="cpu", train_if_missing=True):
         return net.to(device).eval()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        net = MnistNet(feature_dim=int(checkpoint["meta"]["feature_dim"]))
-        net.load_state_dict(checkpoint["state_dict"])
-        net.meta = dict(checkpoint["meta"])
+        wide = checkpoint["meta"].get("arch") == "wide"  # a metrics/mnist_net_wide.py checkpoint
+        if not wide:
+            net = MnistNet(feature_dim=int(checkpoint["meta"]["feature_dim"]))
+            net.load_state_dict(checkpoint["state_dict"])
+            net.meta = dict(checkpoint["meta"])
     except Exception as error:  # truncated zip, wrong pickle, missing keys, shape mismatch: all mean "corrupt"
         raise ValueError(f"corrupt MNIST feature net checkpoint {path} ({type(error).__name__}); "
                          f"delete it to retrain") from None
+    if wide:
+        from metrics.mnist_net_wide import load_wide_feature_net
+        return load_wide_feature_net(path, device=device, train_if_missing=False)
     return net.to(device).eval()
+
+
+def load_metric_net(device="cpu", train_if_missing=True, kind=None):
+    """The feature net the MNIST metrics use when none is passed: kind (default METRIC_NET) "wide" (the shipped
+    metrics/mnist_feature_net_wide.pt) or "shipped" (load_mnist_feature_net's default)."""
+    kind = METRIC_NET if kind is None else kind
+    if kind == "wide":
+        from metrics.mnist_net_wide import load_wide_feature_net
+        return load_wide_feature_net(device=device, train_if_missing=train_if_missing)
+    if kind == "shipped":
+        return load_mnist_feature_net(device=device, train_if_missing=train_if_missing)
+    raise ValueError(f"unknown MNIST metric net {kind!r}; known: wide, shipped")
 
 
 def mnist_features(net, images, batch=500):

@@ -16,6 +16,9 @@ leaderboard every registered one- and few-step method on one teacher, data, seed
 guidance class-conditional U-Net vs DiT teachers, a guidance sweep, guidance-distilled students: runs/bench_guidance.py.
 scratch  "do we need a teacher?": sct and meanflow from scratch vs a teacher trained for the same minutes:
          runs/bench_scratch.py.
+metric   validate the MNIST metric: FID, precision, recall and class coverage of degraded real digits (noise, blur,
+         dropped classes, duplicates) and of known-better / known-worse models, with the real-split seed spread,
+         for each feature net: runs/bench_metric.py.
 """
 import csv
 import functools
@@ -28,11 +31,12 @@ from pathlib import Path
 import torch
 
 from metrics import METRICS
-from metrics.mnist_net import load_mnist_feature_net
+from metrics.mnist_net import load_metric_net
 from runs.bench_defaults import main as bench_defaults_main
 from runs.bench_distill import main as bench_distill_main
 from runs.bench_guidance import main as bench_guidance_main
 from runs.bench_leaderboard import main as bench_leaderboard_main
+from runs.bench_metric import main as bench_metric_main
 from runs.bench_scratch import main as bench_scratch_main
 from runs.bench_solvers import main as bench_solvers_main
 from runs.build import load_run
@@ -66,7 +70,7 @@ def class_rows(samples, labels, per_class=10):
 def bench_teacher(run, n, out, device, seed=0):
     config, objective = load_run(run, device)
     reference, floor_other = reference_split(default_reference(), n, seed)
-    net = load_mnist_feature_net(device=device)  # loaded once, not once per FID
+    net = load_metric_net(device=device)  # loaded once, not once per FID
     fid = functools.partial(METRICS["fid-mnist"], net=net, device=device)
     floor = fid(floor_other, reference)
     rows, grid = [], None
@@ -127,7 +131,7 @@ def teacher_main(argv):
 
 BENCHES = {"teacher": teacher_main, "solvers": bench_solvers_main, "distill": bench_distill_main,
            "defaults": bench_defaults_main, "guidance": bench_guidance_main,
-           "leaderboard": bench_leaderboard_main, "scratch": bench_scratch_main}
+           "leaderboard": bench_leaderboard_main, "scratch": bench_scratch_main, "metric": bench_metric_main}
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from data import DATASETS
-from metrics.mnist_net import load_mnist_feature_net
+from metrics.mnist_net import load_metric_net
 from objectives.base import using_networks
 from runs.bench_distill import TEACHER_NFES, appended_lines, machine, progressive_stages, train_method, write
 from runs.build import load_run
@@ -41,7 +41,7 @@ def bench_mnist(out, teacher_path, trajectories, steps, n, device, methods, runs
     """`steps`: {method: training steps}. The summary is rewritten after every row, so an interrupted bench keeps
     what it measured; append=True keeps <out>.json's rows (teacher rows included) and (re)measures only `methods`;
     extra_nfes adds rows at those NFE for students that sample with more than their eval_nfe (consistency models)."""
-    net = load_mnist_feature_net(device=device)
+    net = load_metric_net(device=device)
 
     def scores(samples):
         """MNIST-FID, precision, recall and classes covered of samples against the same seeded n real digits."""

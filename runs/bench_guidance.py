@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metrics.mnist_net import accuracy, load_mnist_feature_net
+from metrics.mnist_net import accuracy, load_metric_net
 from runs.bench_distill import write
 from runs.build import load_run
 from runs.checkpoint import load_checkpoint
@@ -78,7 +78,7 @@ def scored(run_dir, n, nfe, w, device, net, student_w=False, solver="heun"):
 
 
 def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device, progressive_steps=600):
-    net = load_mnist_feature_net(device=device)
+    net = load_metric_net(device=device)
     rows, runs_dir = [], Path(runs_dir)
     for name, args in TEACHERS.items():
         params, seconds, steps, rate = trained(runs_dir / name, ["--objective", "dsm", *args, *TEACHER], minutes, device)

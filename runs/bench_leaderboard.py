@@ -189,8 +189,8 @@ class Leaderboard:
         return self.lazy("teacher_key", lambda: file_digest(self.teacher_file()))
 
     def net(self):
-        from metrics.mnist_net import load_mnist_feature_net
-        return self.lazy("net", lambda: load_mnist_feature_net(device=self.device))
+        from metrics.mnist_net import load_metric_net
+        return self.lazy("net", lambda: load_metric_net(device=self.device))
 
     def net_key(self):
         from data.trajectories import fingerprint

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from metrics.mnist_net import load_mnist_feature_net
+from metrics.mnist_net import load_metric_net
 from runs.bench_distill import write
 from runs.bench_guidance import trained
 from runs.build import load_run
@@ -47,7 +47,7 @@ def scored(run_dir, solver, nfe, n, device, net):
 
 
 def bench_scratch(minutes, n, runs_dir, out, device, methods):
-    net = load_mnist_feature_net(device=device)
+    net = load_metric_net(device=device)
     rows = []
     for name in methods:
         args, evaluations = METHODS[name]

@@ -28,6 +28,7 @@ from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.images import to_uint8
 
 VECTOR_METRICS = ("swd", "mmd", "precision-recall")
+SPREAD_SEEDS = 5  # mnist_report: reference splits each MNIST number is the mean of, with its std beside it
 MNIST_GROUPS = {"fid-mnist": "fid", "precision-recall-mnist": "manifold", "class-histogram-mnist": "classes"}
 
 
@@ -128,12 +129,17 @@ def score_all(names, samples, reference, device, **options):
 
 
 def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None, k=DEFAULT_K, min_share=None,
-                 **parts):
+                 spread_seeds=SPREAD_SEEDS, **parts):
     """{fid_mnist, precision, recall, density, coverage, classes_covered, class_tv_uniform, class_kl_uniform,
     class_tv_reference, class_kl_reference, ..., n} of MNIST samples (uint8 [N, 1, 28, 28] or float in [-1, 1],
     numpy or torch) against n seeded-random real digits (reference_split, as the CLI's --n): the first n samples
     (default all) against n reference images (default: the shipped digits). Pass net to load the feature net once;
-    `parts` (fid, classes, manifold = False) leave parts out."""
+    `parts` (fid, classes, manifold = False) leave parts out.
+
+    The metric's own noise beside every number: with spread_seeds = S > 1 the samples are scored against the
+    reference splits of seeds seed, ..., seed + S - 1, each number is their mean and `<key>_std` their standard
+    deviation (ddof 1), and `spread_seeds` says S; S = 1 is one split, no `_std` keys (the numbers of before).
+    The feature net sees the samples once and the reference digits once, whatever S."""
     if isinstance(samples, torch.Tensor):
         samples = (samples if samples.dtype == torch.uint8 else to_uint8(samples.detach())).cpu().numpy()
     samples = np.asarray(samples)
@@ -147,8 +153,31 @@ def mnist_report(samples, n=None, seed=0, reference=None, device="cpu", net=None
     if not k < n <= min(len(samples), len(reference)):
         raise ValueError(f"n must be more than k={k} and at most the {len(samples)} samples and the "
                          f"{len(reference)} reference images, got n={n}")
-    real = reference_split(reference, n, seed)[0]
-    return {**mnist_metrics(samples[:n], real, net=net, device=device, k=k, min_share=min_share, **parts), "n": n}
+    if isinstance(spread_seeds, bool) or not isinstance(spread_seeds, int) or spread_seeds < 1:
+        raise ValueError(f"spread_seeds must be a positive integer, got {spread_seeds!r}")
+    if spread_seeds == 1:
+        real = reference_split(reference, n, seed)[0]
+        return {**mnist_metrics(samples[:n], real, net=net, device=device, k=k, min_share=min_share, **parts), "n": n}
+    from metrics import mnist_feature_metrics
+    from metrics.mnist_net import load_metric_net, mnist_features
+    net = load_metric_net(device=device) if net is None else net
+    splits = [reference_split(np.arange(len(reference)), n, seed + i)[0] for i in range(spread_seeds)]
+    used = np.unique(np.concatenate(splits))  # each reference digit through the net once
+    features = mnist_features(net, reference[used])
+    row = np.full(len(reference), -1)
+    row[used] = np.arange(len(used))
+    fake = mnist_features(net, samples[:n])
+    reports = [mnist_feature_metrics(fake, features[row[split]], net, device, k, min_share, **parts) for split in splits]
+    out = {}
+    for key, value in reports[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = np.array([r[key] for r in reports], dtype=np.float64)
+            mean = float(values.mean())
+            out[key] = int(mean) if isinstance(value, int) and mean.is_integer() else mean  # classes_covered: 10
+            out[f"{key}_std"] = float(values.std(ddof=1))
+        else:
+            out[key] = value  # class_shares: the samples' own, the same for every split
+    return {**out, "n": n, "spread_seeds": spread_seeds}
 
 
 def _format(name, value):
@@ -213,8 +242,8 @@ def main(argv=None):
             samples, reference = samples[:args.n], reference_split(reference, args.n, args.seed)[0]
         options = {"k": args.k, "min_share": args.min_share}
         if any(name.endswith("-mnist") for name in names):
-            from metrics.mnist_net import load_mnist_feature_net
-            options["mnist_net"] = load_mnist_feature_net(device=device)  # loaded once for all the MNIST metrics
+            from metrics.mnist_net import load_metric_net
+            options["mnist_net"] = load_metric_net(device=device)  # loaded once for all the MNIST metrics
         values = score_all(names, samples, reference, device, **options)
         result = {"metric": args.metric, "values": values, "samples": "floor" if args.floor else args.samples,
                   "reference": args.ref or "mnist (shipped)", "n_samples": len(samples),

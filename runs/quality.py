@@ -63,9 +63,9 @@ def one_step_quality(objective, teacher, config, dataset, device, n=256, batch=2
     report.update(swd=swd(flat(student), flat(real)), teacher_swd=swd(flat(baseline), flat(real)),
                   reference_swd=swd(flat(reference), flat(real)), student_images_per_sec=n / max(seconds, 1e-9))
     if tuple(dataset.shape) == (1, 28, 28) and n >= 500:
-        from metrics.mnist_net import load_mnist_feature_net
+        from metrics.mnist_net import load_metric_net
         from runs.eval import mnist_report
-        net = load_mnist_feature_net(device=device)
+        net = load_metric_net(device=device)
         scores = mnist_report(student.cpu(), n=n, net=net, device=device)
         report.update({k: scores[k] for k in ("fid_mnist", "precision", "recall", "classes_covered")})
         report["teacher_fid_mnist"] = mnist_report(baseline.cpu(), n=n, net=net, device=device, manifold=False,
