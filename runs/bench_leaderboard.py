@@ -77,7 +77,7 @@ PRESETS = {
 }
 TEACHER_ARGS = ["--config", "runs/configs/mnist_teacher.yaml"]  # how a missing teacher run directory is trained
 PAIRS = dict(solver="heun", nfe=35, save_sigmas=4)  # the shared store: final states and dsno's K = 4
-COLUMNS = ["method", "objective", "nfe", "fid_mnist", "precision", "recall", "classes_covered", "map_rmse",
+COLUMNS = ["method", "objective", "nfe", "fid_mnist", "fid_mnist_std", "precision", "recall", "classes_covered", "map_rmse",
            "images_per_sec", "train_seconds", "teacher_calls", "train_steps", "mixture_train_seconds", "error"]
 
 
@@ -199,7 +199,8 @@ class Leaderboard:
     def scores(self, samples):
         from runs.eval import mnist_report
         report = mnist_report(samples, n=self.budget.n, seed=self.seed, net=self.net(), device=self.device)
-        return {"fid_mnist": round(report["fid_mnist"], 2), "precision": round(report["precision"], 3),
+        return {"fid_mnist": round(report["fid_mnist"], 2), "fid_mnist_std": round(report.get("fid_mnist_std", 0.0), 2),
+                "precision": round(report["precision"], 3),
                 "recall": round(report["recall"], 3), "classes_covered": report["classes_covered"]}
 
     def score_key(self, **extra):
@@ -327,7 +328,7 @@ class Leaderboard:
                     found = self.stages.save(name, key, {**self.scores(samples), "images_per_sec": round(rate, 1)})
                     print(f"{method} at {nfe} NFE: MNIST-FID {found['fid_mnist']}", flush=True)
             if "unsupported" not in found:
-                rows[nfe] = {k: found[k] for k in ("fid_mnist", "precision", "recall", "classes_covered",
+                rows[nfe] = {k: found[k] for k in ("fid_mnist", "fid_mnist_std", "precision", "recall", "classes_covered",
                                                    "images_per_sec")}
         return rows, record
 
@@ -432,7 +433,7 @@ class Leaderboard:
                    "map_rmse": maps.get(nfe, {}).get(solver, "")}
             if "mnist" in self.parts:
                 found = self.teacher_row(solver, nfe)
-                row.update({k: found[k] for k in ("fid_mnist", "precision", "recall", "classes_covered",
+                row.update({k: found[k] for k in ("fid_mnist", "fid_mnist_std", "precision", "recall", "classes_covered",
                                                   "images_per_sec")})
             rows.append(row)
         return rows
@@ -491,7 +492,8 @@ def leaderboard_table(rows):
     for r in order_rows(rows):
         error = r["error"].replace("|", "/")
         name = r["method"] if not error else f"{r['method']} (error: {error[:150]}{'...' if len(error) > 150 else ''})"
-        lines.append(f"| {name} | {fmt(r['nfe'])} | {fmt(r['fid_mnist'])} | {fmt(r['precision'], 3)} | "
+        fid = fmt(r["fid_mnist"]) + (f" ± {fmt(r['fid_mnist_std'])}" if r.get("fid_mnist_std", "") != "" else "")
+        lines.append(f"| {name} | {fmt(r['nfe'])} | {fid} | {fmt(r['precision'], 3)} | "
                      f"{fmt(r['recall'], 3)} | {fmt(r['classes_covered'])} | {fmt(r['map_rmse'], 3)} | "
                      f"{fmt(r['images_per_sec'], 3)} | {fmt(r['train_seconds'])} | {fmt(r['teacher_calls'])} | "
                      f"{fmt(r['train_steps'])} |")
@@ -503,7 +505,8 @@ def budget_text(s):
     return (f"{b['steps']} training steps at batch {b['batch_size']} per method"
             + (f", at most {b['minutes']:g} minutes each (train.minutes)" if b["minutes"] else "")
             + f" (preset `{s['preset']}`; extra settings: {', '.join(b['settings']) or 'none'}); "
-            f"MNIST scores from {b['n']} samples against the same {b['n']} real digits (seed {s['seed']}); "
+            f"MNIST scores (the default feature net, runs.eval.mnist_report) from {b['n']} samples against {b['n']} "
+            f"real digits, each the mean over the real splits of seeds {s['seed']}.. with its spread (±, one std); "
             f"{b['pairs']} Heun-35 teacher rollouts shared by the methods that learn from pairs; "
             f"mixture: {b['mixture_steps']} steps per method, {b['n_eval']} held-out noises; "
             f"NFE grid {', '.join(map(str, b['nfes']))} besides each method's own")

@@ -41,7 +41,8 @@ def scored(run_dir, solver, nfe, n, device, net):
     config, objective = load_run(run_dir, device=device)
     samples, _, calls, rate = sample(objective, config, n, nfe, solver=solver, device=device)
     report = mnist_report(to_uint8(samples), n=n, net=net)
-    return {"fid_mnist": round(report["fid_mnist"], 2), "precision": round(report["precision"], 3),
+    return {"fid_mnist": round(report["fid_mnist"], 2), "fid_mnist_std": round(report.get("fid_mnist_std", 0.0), 2),
+            "precision": round(report["precision"], 3),
             "recall": round(report["recall"], 3), "classes_covered": report["classes_covered"],
             "nfe": round(calls, 1), "images_per_sec": round(rate, 1)}
 
@@ -72,14 +73,16 @@ def markdown(s):
     lines = ["# Do we need a teacher? One-step models from scratch vs a diffusion teacher, equal minutes (MNIST)", "",
              f"Each method trained {s['minutes']} minutes from scratch (default U-Net, batch {s['batch_size']}) on "
              f"{s['device']}; {s['n']} samples per row, MNIST-FID / precision / recall / classes covered against "
-             f"{s['n']} real digits. `own`: the method's own one- or two-step sampler.", "",
+             f"{s['n']} real digits (the default feature net; FID ± its spread over 5 real splits). `own`: the method's own "
+             "one- or two-step sampler.", "",
              "| method | sampler | NFE | MNIST-FID | precision | recall | classes | images/s | train min | "
              "train steps | train images/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error']} |||||||||")
             continue
-        lines.append(f"| {r['method']} | {r['sampler']} | {r['nfe']:g} | {r['fid_mnist']} | {r['precision']} | "
+        fid = f"{r['fid_mnist']}" + (f" ± {r['fid_mnist_std']}" if "fid_mnist_std" in r else "")
+        lines.append(f"| {r['method']} | {r['sampler']} | {r['nfe']:g} | {fid} | {r['precision']} | "
                      f"{r['recall']} | {r['classes_covered']} | {r['images_per_sec']} | {r['train_minutes']} | "
                      f"{r['train_steps']} | {r['train_images_per_sec']} |")
     for note in s.get("notes", []):  # what was observed, added to the .json by whoever ran it
