@@ -145,22 +145,31 @@ def save_mnist_feature_net(net, path):
     os.replace(tmp, path)
 
 
+def checkpoint_or_trained(path, shipped, name, train_if_missing, train, save, what, command, cost):
+    """(path of the feature-net checkpoint to load, None), or (path, the net freshly trained and saved there) when
+    the file is missing and train_if_missing is set. path None: the shipped file, else <cache dir>/name."""
+    if path is None:
+        path = shipped if shipped.exists() else cache_dir() / name
+    path = Path(path)
+    if path.exists():
+        return path, None
+    if not train_if_missing:
+        raise FileNotFoundError(f"{what} not found at {path}; train it with `{command} --out {path}`")
+    print(f"{what} not found at {path}; training it now ({cost} on a CPU) and caching it", file=sys.stderr)
+    net = train()
+    save(net, path)
+    return path, net
+
+
 def load_mnist_feature_net(path=None, device="cpu", train_if_missing=True):
     """Load the feature net from path (default: the shipped metrics/mnist_feature_net.pt, else
     <cache dir>/mnist_feature_net.pt), training and caching it first when the file is missing and train_if_missing
     is set."""
-    if path is None:
-        path = SHIPPED if SHIPPED.exists() else cache_dir() / CHECKPOINT_NAME
-    path = Path(path)
-    if not path.exists():
-        if not train_if_missing:
-            raise FileNotFoundError(f"MNIST feature net not found at {path}; train it with "
-                                    f"`python -m metrics.mnist_net --out {path}`")
-        print(f"MNIST feature net not found at {path}; training it now (about a minute on a CPU) and caching it",
-              file=sys.stderr)
-        net = train_mnist_classifier()
-        save_mnist_feature_net(net, path)
-        return net.to(device).eval()
+    path, trained = checkpoint_or_trained(path, SHIPPED, CHECKPOINT_NAME, train_if_missing, train_mnist_classifier,
+                                          save_mnist_feature_net, "MNIST feature net", "python -m metrics.mnist_net",
+                                          "about a minute")
+    if trained is not None:
+        return trained.to(device).eval()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         wide = checkpoint["meta"].get("arch") == "wide"  # a metrics/mnist_net_wide.py checkpoint

@@ -39,7 +39,6 @@ holds out `heldout` seeded-random digits for meta["heldout_accuracy"].
 import argparse
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics.mnist_net import _as_images, _default_dataset, _predict, cache_dir
+from metrics.mnist_net import _as_images, _default_dataset, _predict, cache_dir, checkpoint_or_trained
 
 CHECKPOINT_NAME = "mnist_feature_net_wide.pt"
 SHIPPED = Path(__file__).with_name(CHECKPOINT_NAME)
@@ -197,18 +196,11 @@ def save_wide_feature_net(net, path):
 def load_wide_feature_net(path=None, device="cpu", train_if_missing=True):
     """Load the wide feature net from path (default: the shipped metrics/mnist_feature_net_wide.pt, else <cache
     dir>/mnist_feature_net_wide.pt), training and caching it first when missing and train_if_missing is set."""
-    if path is None:
-        path = SHIPPED if SHIPPED.exists() else cache_dir() / CHECKPOINT_NAME
-    path = Path(path)
-    if not path.exists():
-        if not train_if_missing:
-            raise FileNotFoundError(f"wide MNIST feature net not found at {path}; train it with "
-                                    f"`python -m metrics.mnist_net_wide --out {path}`")
-        print(f"wide MNIST feature net not found at {path}; training it now (a few minutes on a CPU) and caching it",
-              file=sys.stderr)
-        net = train_wide_classifier()
-        save_wide_feature_net(net, path)
-        return net.to(device).eval()
+    path, trained = checkpoint_or_trained(path, SHIPPED, CHECKPOINT_NAME, train_if_missing, train_wide_classifier,
+                                          save_wide_feature_net, "wide MNIST feature net",
+                                          "python -m metrics.mnist_net_wide", "a few minutes")
+    if trained is not None:
+        return trained.to(device).eval()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         meta = dict(checkpoint["meta"])
