@@ -521,7 +521,7 @@ def markdown(s, stem):
              f"{' (uncommitted changes)' if git.get('dirty') else ''}; bench wall time {s['wall_seconds'] / 60:.1f} "
              f"minutes ({len(s['stages']['computed'])} stages computed, {len(s['stages']['reused'])} reused).", "",
              leaderboard_table(s["rows"]),
-             "MNIST-FID, precision, recall and classes covered (>= 5% of samples) in the shipped MNIST feature net; "
+             "MNIST-FID, precision, recall and classes covered (>= 5% of samples) in the default MNIST feature net (metrics/mnist_feature_net_wide.pt); "
              "map RMSE: the same method trained briefly on the 8-component 64-d Gaussian mixture, its samples' RMSE to "
              "the exact ODE map (only for methods that learn the teacher's map; teacher rows: that solver on the exact "
              "mixture teacher). train s: MNIST training wall time; teacher calls: images through the teacher's "
