@@ -112,9 +112,10 @@ def _fit(net, images, labels, epochs, batch, lr, generator, device):
     return net.eval()
 
 
-def train_mnist_classifier(dataset=None, epochs=6, seed=0, device="cpu", heldout=1000, batch=64, lr=2e-3):
-    """Train MnistNet on dataset.images / dataset.labels (default: the shipped 8,000 digits), holding out
-    `heldout` seeded-random digits for the accuracy stored in net.meta["heldout_accuracy"]."""
+def training_split(dataset, heldout, epochs, batch, seed):
+    """(images, labels, train indices, held-out indices, the seeded generator that drew them, for the training's
+    further draws) of a feature net's training digits (default: the shipped 8,000), `heldout` of them kept out; a
+    one-line ValueError for settings that cannot train."""
     dataset = _default_dataset() if dataset is None else dataset
     images, labels = _as_images(dataset.images), torch.as_tensor(np.asarray(dataset.labels)).long()
     if len(images) != len(labels) or not 0 <= heldout < len(images) or epochs < 1 or batch < 1:
@@ -123,7 +124,13 @@ def train_mnist_classifier(dataset=None, epochs=6, seed=0, device="cpu", heldout
                          f"batch={batch}")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
-    train_idx, test_idx = order[heldout:], order[:heldout]
+    return images, labels, order[heldout:], order[:heldout], generator
+
+
+def train_mnist_classifier(dataset=None, epochs=6, seed=0, device="cpu", heldout=1000, batch=64, lr=2e-3):
+    """Train MnistNet on dataset.images / dataset.labels (default: the shipped 8,000 digits), holding out
+    `heldout` seeded-random digits for the accuracy stored in net.meta["heldout_accuracy"]."""
+    images, labels, train_idx, test_idx, generator = training_split(dataset, heldout, epochs, batch, seed)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # seeded init and dropout
         torch.manual_seed(seed)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics.mnist_net import _as_images, _default_dataset, _predict, cache_dir, checkpoint_or_trained
+from metrics.mnist_net import _predict, cache_dir, checkpoint_or_trained, training_split
 
 CHECKPOINT_NAME = "mnist_feature_net_wide.pt"
 SHIPPED = Path(__file__).with_name(CHECKPOINT_NAME)
@@ -142,15 +142,7 @@ def train_wide_classifier(dataset=None, epochs=8, seed=0, heldout=1000, batch=64
     """Train WideMnistNet on dataset.images / .labels (default: the shipped 8,000 digits) for `epochs` with Adam and a
     one-cycle schedule, random affine augmentation (augment=True), `heldout` seeded-random digits kept out for
     net.meta["heldout_accuracy"]; then fit the block scales on the training digits."""
-    dataset = _default_dataset() if dataset is None else dataset
-    images, labels = _as_images(dataset.images), torch.as_tensor(np.asarray(dataset.labels)).long()
-    if len(images) != len(labels) or not 0 <= heldout < len(images) or epochs < 1 or batch < 1:
-        raise ValueError(f"need as many labels as images, 0 <= heldout < N, epochs >= 1 and batch >= 1; got "
-                         f"{len(images)} images, {len(labels)} labels, heldout={heldout}, epochs={epochs}, "
-                         f"batch={batch}")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(images), generator=generator)
-    train_idx, test_idx = order[heldout:], order[:heldout]
+    images, labels, train_idx, test_idx, generator = training_split(dataset, heldout, epochs, batch, seed)
     train_x, train_y = images[train_idx], labels[train_idx]
     device = torch.device(device)
     tic = time.time()

@@ -201,7 +201,7 @@ def model_samples(name, source, solver, nfe, n, seed, cache_dir, device, teacher
         injected["teacher"] = load_run(teacher, device)[1].denoiser()  # generator samples, the teacher is not called
     config, objective = load_run(source, device, **injected)
     labels = torch.arange(n) % 10
-    nfe = nfe if nfe is not None else int(getattr(objective, "eval_nfe", None) or 1)
+    nfe = nfe if nfe is not None else int(objective.eval_nfe or 1)
     samples, _, measured, rate = sample(objective, config, n, nfe, solver, batch=250, seed=seed, device=device,
                                         labels=labels)
     images = to_uint8(samples).numpy()
