@@ -133,7 +133,8 @@ class SCM(ConsistencyObjective):
 
     def velocity(self, x0, z, x_t, t, labels):
         """dx_t/dt at (x_t, t), in the dtype of x_t (run with autocast off and no grad)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define velocity() (sCD: the teacher's; sCT: the "
+                                  "data's)")
 
     # -- the algorithm
 

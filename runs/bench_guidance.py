@@ -59,6 +59,12 @@ def trained(run_dir, args, minutes, device, steps=None):
     return params, seconds, steps, steps * state["config"]["train"]["batch_size"] / max(seconds, 1e-9)
 
 
+def training_columns(params, seconds, steps, rate):
+    """A row's training-cost columns from what `trained` returns."""
+    return {"parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
+            "train_images_per_sec": round(rate, 1)}
+
+
 def scored(run_dir, n, nfe, w, device, net, student_w=False, solver="heun"):
     """One row's measurements: samples of the run at guidance w (a distilled student: its own w input; solver None:
     the student's own `generate`)."""
@@ -84,8 +90,7 @@ def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device, progressive_steps
         params, seconds, steps, rate = trained(runs_dir / name, ["--objective", "dsm", *args, *TEACHER], minutes, device)
         for w in ws:
             rows.append({"model": f"{name} teacher", "w": w, **scored(runs_dir / name, n, nfe, w, device, net),
-                         "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
-                         "train_images_per_sec": round(rate, 1)})
+                         **training_columns(params, seconds, steps, rate)})
             print(rows[-1], flush=True)
     params, seconds, steps, rate = trained(
         runs_dir / "guidance_distill", ["--objective", "guidance_distill", "--teacher", str(runs_dir / "unet"),
@@ -94,8 +99,7 @@ def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device, progressive_steps
     for w in ws:
         rows.append({"model": "guidance_distill student (unet)", "w": w,
                      **scored(runs_dir / "guidance_distill", n, nfe, w, device, net, student_w=True),
-                     "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
-                     "train_images_per_sec": round(rate, 1)})
+                     **training_columns(params, seconds, steps, rate)})
         print(rows[-1], flush=True)
     params, seconds, steps, rate = trained(
         runs_dir / "guidance_progressive", ["--objective", "guidance_progressive", "--teacher",
@@ -106,8 +110,7 @@ def bench_guidance(minutes, n, nfe, ws, runs_dir, out, device, progressive_steps
     for w in ws:
         rows.append({"model": "guidance_progressive student (4 steps)", "w": w,
                      **scored(runs_dir / "guidance_progressive", n, 4, w, device, net, student_w=True, solver=None),
-                     "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
-                     "train_images_per_sec": round(rate, 1)})
+                     **training_columns(params, seconds, steps, rate)})
         print(rows[-1], flush=True)
     summary = {"minutes": minutes, "progressive_steps": progressive_steps, "n": n, "solver": "heun", "nfe": nfe, "ws": ws, "device": str(device),
                "provenance": provenance(device), "rows": rows}

@@ -19,7 +19,7 @@ import torch
 
 from metrics.mnist_net import load_metric_net
 from runs.bench_distill import write
-from runs.bench_guidance import trained
+from runs.bench_guidance import trained, training_columns
 from runs.build import load_run
 from runs.cli import ArgumentParser, cli_errors, pick_device, positive_int
 from runs.eval import mnist_report
@@ -60,8 +60,7 @@ def bench_scratch(minutes, n, runs_dir, out, device, methods):
         for solver, nfe in evaluations:
             rows.append({"method": name, "sampler": solver or "own", **scored(Path(runs_dir) / name, solver, nfe, n,
                                                                               device, net),
-                         "parameters": params, "train_minutes": round(seconds / 60, 2), "train_steps": steps,
-                         "train_images_per_sec": round(rate, 1)})
+                         **training_columns(params, seconds, steps, rate)})
             print(rows[-1], flush=True)
     summary = {"minutes": minutes, "n": n, "batch_size": 32, "device": str(device), "provenance": provenance(device),
                "rows": rows}
